@@ -1,0 +1,18 @@
+"""Actor-critic agents: networks, rollouts, the actor-critic loss, the optimiser."""
+
+from agents.loss import LossHyperparams, actor_critic_loss
+from agents.networks import ActorCritic, make_network
+from agents.optim import make_optimizer, safe_clip_by_global_norm
+from agents.rollout import RolloutStats, Trajectory, rollout
+
+__all__ = [
+    "ActorCritic",
+    "LossHyperparams",
+    "RolloutStats",
+    "Trajectory",
+    "actor_critic_loss",
+    "make_network",
+    "make_optimizer",
+    "rollout",
+    "safe_clip_by_global_norm",
+]

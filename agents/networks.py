@@ -1,0 +1,122 @@
+"""Actor-critic networks for grid (MinAtar) and vector observations."""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
+
+
+class ActorCritic(nn.Module):
+    """Separate policy and value networks over a shared observation encoding.
+
+    With `torso="conv"` each network starts with a 3x3 convolution over the
+    `H x W x C` grid (as MinAtar agents do); with `torso="mlp"` observations are
+    flattened. Smooth activations (`tanh`) keep the second derivatives that
+    meta-gradients use informative.
+
+    Attributes:
+      num_actions: size of the discrete action set.
+      hidden_sizes: widths of the dense layers of each network.
+      torso: "mlp" or "conv".
+      conv_features: filters of the convolution when `torso="conv"`.
+      activation: "tanh" or "relu".
+    """
+
+    num_actions: int
+    hidden_sizes: Sequence[int] = (64, 64)
+    torso: str = "mlp"
+    conv_features: int = 16
+    activation: str = "tanh"
+
+    def _encode(self, obs: jnp.ndarray, obs_ndim: int) -> jnp.ndarray:
+        batch_shape = obs.shape[: obs.ndim - obs_ndim]
+        if self.torso == "conv":
+            x = obs.reshape((-1, *obs.shape[-obs_ndim:]))
+            x = nn.relu(nn.Conv(self.conv_features, (3, 3))(x))
+            return x.reshape((*batch_shape, -1))
+        return obs.reshape((*batch_shape, -1))
+
+    def _mlp(self, x: jnp.ndarray) -> jnp.ndarray:
+        act = _ACTIVATIONS[self.activation]
+        for width in self.hidden_sizes:
+            x = act(nn.Dense(width)(x))
+        return x
+
+    @nn.compact
+    def __call__(self, obs: jnp.ndarray, obs_ndim: int = 1):
+        """Returns `(logits [..., A], value [...])` for observations `[..., *obs]`."""
+        policy_h = self._mlp(self._encode(obs, obs_ndim))
+        value_h = self._mlp(self._encode(obs, obs_ndim))
+        logits = nn.Dense(
+            self.num_actions, kernel_init=nn.initializers.orthogonal(0.01)
+        )(policy_h)
+        value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0))(value_h)
+        return logits, jnp.squeeze(value, -1)
+
+
+def make_network(
+    num_actions: int,
+    obs_shape: Sequence[int],
+    hidden_sizes: Sequence[int] = (64, 64),
+    torso: str = "mlp",
+    conv_features: int = 16,
+    activation: str = "tanh",
+) -> "Network":
+    """Builds an actor-critic network for observations of shape `obs_shape`.
+
+    Args:
+      num_actions: size of the discrete action set.
+      obs_shape: shape of one observation.
+      hidden_sizes: widths of the dense layers.
+      torso: "mlp" (flattened observations) or "conv" (needs `H x W x C`).
+      conv_features: filters of the convolution.
+      activation: "tanh" or "relu".
+
+    Returns:
+      A `Network` with `init(key)` and `apply(params, obs)`.
+
+    Raises:
+      ValueError: for an unknown torso or activation, or a conv torso on
+        observations that are not `H x W x C` grids.
+    """
+    if torso not in ("mlp", "conv"):
+        raise ValueError(f"agent.torso must be 'mlp' or 'conv', got '{torso}'")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(
+            f"agent.activation must be one of {sorted(_ACTIVATIONS)}, got "
+            f"'{activation}'"
+        )
+    if torso == "conv" and len(obs_shape) != 3:
+        raise ValueError(
+            f"agent.torso=conv needs H x W x C observations, got shape "
+            f"{tuple(obs_shape)}; use agent.torso=mlp"
+        )
+    module = ActorCritic(
+        num_actions=num_actions,
+        hidden_sizes=tuple(hidden_sizes),
+        torso=torso,
+        conv_features=conv_features,
+        activation=activation,
+    )
+    return Network(module=module, obs_shape=tuple(obs_shape))
+
+
+class Network:
+    """A flax module bound to an observation shape: pure `init` and `apply`."""
+
+    def __init__(self, module: ActorCritic, obs_shape: tuple[int, ...]):
+        self.module = module
+        self.obs_shape = obs_shape
+
+    def init(self, key, dtype=jnp.float32):
+        """Returns fresh parameters, cast to `dtype`."""
+        params = self.module.init(key, jnp.zeros(self.obs_shape), len(self.obs_shape))
+        return jax.tree.map(lambda x: x.astype(dtype), params)
+
+    def apply(self, params, obs):
+        """Returns `(logits [..., A], value [...])` for observations `[..., *obs]`."""
+        dtype = jax.tree.leaves(params)[0].dtype
+        return self.module.apply(params, obs.astype(dtype), len(self.obs_shape))

@@ -1,0 +1,29 @@
+"""metarl: discovering reinforcement-learning objectives by meta-gradient descent.
+
+Public entry points:
+
+* `load_objective(path)` and `save_objective(...)`: learned objectives on disk.
+* `ParametricObjective`: the actor-critic loss with learned scalars.
+* `metarl.metagrad`: differentiable unrolls of inner updates (MixFlow-MG and
+  plain autodiff).
+* `python -m metarl.train`: the meta-training command.
+"""
+
+__version__ = "0.1.0"
+
+from metarl.export import (
+    LoadedObjective,
+    ObjectiveFileError,
+    load_objective,
+    save_objective,
+)
+from metarl.objectives import ParametricObjective
+
+__all__ = [
+    "LoadedObjective",
+    "ObjectiveFileError",
+    "ParametricObjective",
+    "__version__",
+    "load_objective",
+    "save_objective",
+]

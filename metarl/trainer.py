@@ -1,0 +1,238 @@
+"""The meta-trainer: a population of agents, K inner updates, one meta-update."""
+
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+import envs
+from agents import make_network, make_optimizer, rollout
+from metarl.config import TrainConfig
+from metarl.meta_loss import policy_gradient_meta_loss
+from metarl.metagrad import InnerProblem, InnerState, MetaGradConfig, from_optax, unroll
+from metarl.objectives import make_objective
+
+
+class AgentState(NamedTuple):
+    """One agent of the population."""
+
+    inner: InnerState
+    age: chex.Array  # [] inner updates since the agent was (re)initialised
+
+
+class MetaState(NamedTuple):
+    """Everything the meta-trainer carries from one meta-step to the next."""
+
+    meta_params: Any
+    meta_opt_state: Any
+    population: AgentState  # leaves [P, ...]
+    step: chex.Array  # [] meta-steps taken
+    skipped: chex.Array  # [] meta-updates skipped for non-finite meta-gradients
+
+
+def _tree_where(condition, on_true, on_false):
+    return jax.tree.map(lambda a, b: jnp.where(condition, a, b), on_true, on_false)
+
+
+def _all_finite(tree) -> chex.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+class Trainer:
+    """Builds the environments, agents and objective of a config; runs meta-steps.
+
+    `meta_step` is one compiled program: each agent of the population applies
+    `meta.inner_steps` updates with the learned objective, the updated agents
+    are scored by the meta-loss on fresh rollouts, the meta-gradient averaged
+    over the population updates the objective by Adam, and agents that reached
+    `meta.lifetime` updates start again from fresh parameters.
+    """
+
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        agent, meta = config.agent, config.meta
+        self.dtype = jnp.float64 if config.dtype == "float64" else jnp.float32
+        if self.dtype == jnp.float64 and not jax.config.jax_enable_x64:
+            jax.config.update("jax_enable_x64", True)
+        self.env = envs.make(
+            config.env.name, agent.num_envs, config.env.max_episode_steps
+        )
+        self.network = make_network(
+            num_actions=self.env.num_actions,
+            obs_shape=self.env.obs_shape,
+            hidden_sizes=agent.hidden_sizes,
+            torso=agent.torso,
+            conv_features=agent.conv_features,
+            activation=agent.activation,
+        )
+        opt = agent.optimizer
+        self.optimizer = make_optimizer(
+            opt.name,
+            opt.learning_rate,
+            max_grad_norm=opt.max_grad_norm,
+            eps=opt.eps,
+            eps_root=opt.eps_root,
+            momentum=opt.momentum,
+            weight_decay=opt.weight_decay,
+        )
+        obj = config.objective
+        self.objective = make_objective(
+            obj.name,
+            init_discount=obj.init_discount,
+            init_lambda=obj.init_lambda,
+            init_entropy_coef=obj.init_entropy_coef,
+            init_value_coef=obj.init_value_coef,
+        )
+        self.problem = InnerProblem(
+            rollout=self._rollout,
+            loss=lambda params, meta_params, trajectory: self.objective.loss(
+                self.network, params, meta_params, trajectory
+            ),
+            update=from_optax(self.optimizer),
+        )
+        self.grad_config = MetaGradConfig(
+            mode=meta.grad,
+            checkpoint_every=meta.checkpoint_every,
+            store_rollout=meta.store_rollout,
+            store_inner_grad=meta.store_inner_grad,
+        )
+        meta_parts = [optax.adam(meta.learning_rate)]
+        if meta.max_grad_norm is not None:
+            meta_parts.insert(0, optax.clip_by_global_norm(meta.max_grad_norm))
+        self.meta_optimizer = optax.chain(*meta_parts)
+        self.env_steps_per_meta_step = (
+            meta.population_size
+            * agent.num_envs
+            * agent.unroll_length
+            * (meta.inner_steps + 1)
+        )
+        self.meta_step = jax.jit(self._meta_step, donate_argnums=0)
+
+    def _rollout(self, params, env_carry, key):
+        return rollout(
+            self.network,
+            params,
+            self.env,
+            env_carry,
+            key,
+            self.config.agent.unroll_length,
+        )
+
+    def init_agent(self, key: chex.PRNGKey) -> InnerState:
+        """A fresh agent: parameters, optimiser state, environments and key."""
+        params_key, env_key, agent_key = jax.random.split(key, 3)
+        params = self.network.init(params_key, self.dtype)
+        return InnerState(
+            params=params,
+            opt_state=self.optimizer.init(params),
+            env=self.env.reset(env_key),
+            key=agent_key,
+        )
+
+    def init(self, seed: int) -> MetaState:
+        """The state before the first meta-step.
+
+        Agents' ages are staggered evenly over a lifetime so that, once every
+        agent has been re-initialised once, the objective is trained on agents
+        at every stage of learning at the same time.
+        """
+        meta = self.config.meta
+        keys = jax.random.split(jax.random.key(seed), meta.population_size)
+        inner = jax.vmap(self.init_agent)(keys)
+        ages = (
+            jnp.arange(meta.population_size) * meta.lifetime
+        ) // meta.population_size
+        meta_params = self.objective.init(self.dtype)
+        return MetaState(
+            meta_params=meta_params,
+            meta_opt_state=self.meta_optimizer.init(meta_params),
+            population=AgentState(inner=inner, age=ages.astype(jnp.int32)),
+            step=jnp.zeros((), jnp.int32),
+            skipped=jnp.zeros((), jnp.int32),
+        )
+
+    def _agent_meta_loss(self, meta_params, inner: InnerState):
+        """K inner updates of one agent, then the meta-loss of the result."""
+        meta = self.config.meta
+
+        # Inner updates with the learned objective.
+        inner, (metrics, stats) = unroll(
+            self.problem, meta_params, inner, meta.inner_steps, self.grad_config
+        )
+
+        # Meta-loss of the updated agent on a fresh rollout.
+        key, rollout_key = jax.random.split(inner.key)
+        trajectory, env_carry, meta_stats = self._rollout(
+            inner.params, inner.env, rollout_key
+        )
+        meta_loss = policy_gradient_meta_loss(
+            self.network, inner.params, trajectory, meta.discount, meta.lambda_
+        )
+        inner = inner._replace(env=env_carry, key=key)
+        stats = jax.tree.map(lambda s, m: s.sum() + m, stats, meta_stats)
+        metrics = jax.tree.map(jnp.mean, metrics)
+        return meta_loss, (inner, metrics, stats)
+
+    def _population_meta_loss(self, meta_params, population: AgentState):
+        losses, aux = jax.vmap(self._agent_meta_loss, in_axes=(None, 0))(
+            meta_params, population.inner
+        )
+        return losses.mean(), aux
+
+    def _reset_expired(self, population: AgentState) -> tuple[AgentState, chex.Array]:
+        """Re-initialises the parameters and optimiser of agents past their lifetime."""
+        meta = self.config.meta
+        age = population.age + meta.inner_steps
+        expired = age >= meta.lifetime
+
+        def reset_one(inner: InnerState, expired):
+            key, params_key = jax.random.split(inner.key)
+            params = self.network.init(params_key, self.dtype)
+            fresh = inner._replace(params=params, opt_state=self.optimizer.init(params))
+            return _tree_where(expired, fresh, inner._replace(key=key))
+
+        inner = jax.vmap(reset_one)(population.inner, expired)
+        age = jnp.where(expired, 0, age)
+        return AgentState(inner=inner, age=age), expired.sum()
+
+    def _meta_step(self, state: MetaState) -> tuple[MetaState, dict[str, chex.Array]]:
+        # Meta-gradient of the population's mean meta-loss.
+        (meta_loss, (inner, metrics, stats)), meta_grads = jax.value_and_grad(
+            self._population_meta_loss, has_aux=True
+        )(state.meta_params, state.population)
+
+        # Meta-update by Adam, skipped if the meta-gradient is not finite.
+        updates, meta_opt_state = self.meta_optimizer.update(
+            meta_grads, state.meta_opt_state, state.meta_params
+        )
+        finite = _all_finite(meta_grads) & jnp.isfinite(meta_loss)
+        meta_params = _tree_where(
+            finite, optax.apply_updates(state.meta_params, updates), state.meta_params
+        )
+        meta_opt_state = _tree_where(finite, meta_opt_state, state.meta_opt_state)
+
+        # Agents past their lifetime start again.
+        population, resets = self._reset_expired(
+            AgentState(inner=inner, age=state.population.age)
+        )
+
+        new_state = MetaState(
+            meta_params=meta_params,
+            meta_opt_state=meta_opt_state,
+            population=population,
+            step=state.step + 1,
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        out = {
+            "meta/loss": meta_loss,
+            "meta/grad_norm": optax.global_norm(meta_grads),
+            "meta/skipped": (~finite).astype(jnp.int32),
+            "agent/resets": resets,
+            "episode/return_sum": stats.return_sum.sum(),
+            "episode/length_sum": stats.length_sum.sum(),
+            "episode/count": stats.episodes.sum(),
+            **{k: v.mean() for k, v in metrics.items()},
+        }
+        return new_state, out
