@@ -134,7 +134,8 @@ def load_objective(path: str | os.PathLike) -> LoadedObjective:
     name = spec.get("objective")
     if name not in OBJECTIVES:
         raise ObjectiveFileError(
-            f"{spec_path} names unknown objective '{name}'; known: {', '.join(OBJECTIVES)}"
+            f"{spec_path} names unknown objective '{name}'; known: "
+            f"{', '.join(OBJECTIVES)}"
         )
     try:
         objective = make_objective(name, **spec.get("hyperparameters", {}))

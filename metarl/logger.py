@@ -42,7 +42,8 @@ class RunLogger:
     ):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.run_dir / "metrics.jsonl", "a")
+        # Held open for the whole run and closed in `close`.
+        self._file = open(self.run_dir / "metrics.jsonl", "a")  # noqa: SIM115
         self._wandb = None
         self._warned = False
         if mode != "disabled":
