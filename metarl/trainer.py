@@ -181,6 +181,20 @@ class Trainer:
         )
         return losses.mean(), aux
 
+    def meta_gradient(self, state: MetaState):
+        """The population's mean meta-loss and its meta-gradient at `state`.
+
+        The same computation as in `meta_step`, without the update; for
+        checking meta-gradients.
+
+        Returns:
+          `(meta_loss, meta_grads)`.
+        """
+        (meta_loss, _), meta_grads = jax.value_and_grad(
+            self._population_meta_loss, has_aux=True
+        )(state.meta_params, state.population)
+        return meta_loss, meta_grads
+
     def _reset_expired(self, population: AgentState) -> tuple[AgentState, chex.Array]:
         """Re-initialises the parameters and optimiser of agents past their lifetime."""
         meta = self.config.meta
