@@ -60,8 +60,11 @@ def actor_critic_loss(
 
     `policy_coef * policy_gradient + value_coef * 0.5 * (G - v)^2
     - entropy_coef * entropy`, averaged over steps and environments, with
-    `G` the lambda-returns and the advantage `G - v` held constant for the
-    parameters.
+    `G` the lambda-returns. The advantage's baseline is the rollout's own
+    value of each state, part of the data, so the loss holds no
+    stop-gradient: its gradient is the exact gradient of a scalar function of
+    the parameters, whose Hessian is symmetric, as MixFlow-MG assumes, and
+    finite differences of the unroll agree with its derivatives.
 
     Args:
       network: a `Network` with `apply(params, obs) -> (logits, value)`.
@@ -77,10 +80,10 @@ def actor_critic_loss(
         trajectory, hyper.discount, hyper.lambda_
     )  # [T, B]
 
-    # Policy gradient with the advantage held constant for the parameters.
+    # Policy gradient; the baseline comes from the rollout, a constant.
     policy = distrax.Categorical(logits=logits)
     log_prob = policy.log_prob(trajectory.actions)
-    advantages = returns - jax.lax.stop_gradient(values)
+    advantages = returns - trajectory.values.astype(returns.dtype)
     policy_loss = -jnp.mean(log_prob * advantages)
 
     # Regression of the values on the returns.

@@ -10,12 +10,14 @@ _ACTIVATIONS = {"tanh": nn.tanh, "relu": nn.relu}
 
 
 class ActorCritic(nn.Module):
-    """Separate policy and value networks over a shared observation encoding.
+    """A shared torso with a policy head and a value head.
 
-    With `torso="conv"` each network starts with a 3x3 convolution over the
+    With `torso="conv"` the torso starts with a 3x3 convolution over the
     `H x W x C` grid (as MinAtar agents do); with `torso="mlp"` observations are
-    flattened. Smooth activations (`tanh`) keep the second derivatives that
-    meta-gradients use informative.
+    flattened. The torso is shared so that the value loss shapes the features
+    the policy reads: with separate networks the value-loss weight could not
+    change the policy, and would get no meta-gradient. Smooth activations
+    (`tanh`) keep the second derivatives that meta-gradients use informative.
 
     Attributes:
       num_actions: size of the discrete action set.
@@ -48,12 +50,11 @@ class ActorCritic(nn.Module):
     @nn.compact
     def __call__(self, obs: jnp.ndarray, obs_ndim: int = 1):
         """Returns `(logits [..., A], value [...])` for observations `[..., *obs]`."""
-        policy_h = self._mlp(self._encode(obs, obs_ndim))
-        value_h = self._mlp(self._encode(obs, obs_ndim))
+        hidden = self._mlp(self._encode(obs, obs_ndim))
         logits = nn.Dense(
             self.num_actions, kernel_init=nn.initializers.orthogonal(0.01)
-        )(policy_h)
-        value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0))(value_h)
+        )(hidden)
+        value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0))(hidden)
         return logits, jnp.squeeze(value, -1)
 
 

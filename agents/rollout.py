@@ -66,7 +66,9 @@ def rollout(
 
         # Act with the current policy.
         logits, value = network.apply(params, env_carry.obs)
+        # gymnax environments expect int32 actions, also in 64-bit mode.
         action = distrax.Categorical(logits=logits).sample(seed=action_key)
+        action = action.astype(jnp.int32)
 
         # Step the environments and value the states the actions led to.
         new_carry, out = env.step(env_carry, action, env_key)
