@@ -71,7 +71,7 @@ class MetaConfig:
     checkpoint_every: int = 0
     store_rollout: bool = True
     store_inner_grad: bool = True
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     max_grad_norm: float | None = 1.0
     discount: float = 0.99
     lambda_: float = 0.95
