@@ -1,0 +1,65 @@
+"""`metarl.evaluate`: frozen objectives against the A2C baseline."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from metarl import ObjectiveFileError, ParametricObjective, save_objective
+from metarl.config import AgentConfig, ConfigError, EnvConfig, OptimizerConfig
+from metarl.evaluate import EvaluateConfig, evaluate, final_returns
+
+
+def test_final_returns_average_only_the_last_spans_with_episodes():
+    sums = np.array([[10.0, 0.0], [4.0, 6.0], [9.0, 0.0]])
+    counts = np.array([[1, 0], [2, 3], [3, 0]])
+    np.testing.assert_allclose(final_returns(sums, counts, 1 / 3), [3.0, np.nan])
+    np.testing.assert_allclose(final_returns(sums, counts, 2 / 3), [13 / 5, 2.0])
+
+
+def test_evaluate_writes_curves_and_summary(tmp_path):
+    objective = ParametricObjective()
+    meta_params = objective.init()
+    # A deliberately different objective: the results must differ from A2C's.
+    meta_params["log_entropy_coef"] = jnp.float32(np.log(0.5))
+    save_objective(
+        tmp_path / "obj", objective, meta_params, train_envs=["catch"], meta_step=1
+    )
+    config = EvaluateConfig(
+        objective_path=str(tmp_path / "obj"),
+        env=EnvConfig(name="cartpole"),
+        agent=AgentConfig(
+            num_envs=4,
+            unroll_length=8,
+            hidden_sizes=(8,),
+            optimizer=OptimizerConfig(learning_rate=0.05),
+        ),
+        seeds=2,
+        updates=20,
+        report_every=5,
+        logger_mode="disabled",
+    )
+    run_dir = tmp_path / "eval"
+    run_dir.mkdir()
+    summary = evaluate(config, run_dir)
+    assert set(summary) == {"learned", "a2c"}
+    assert summary["learned"] != summary["a2c"]
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    rows = (run_dir / "curves.csv").read_text().splitlines()
+    # Header, then 2 objectives x 4 spans x 2 seeds.
+    assert len(rows) == 1 + 2 * 4 * 2
+    assert (run_dir / "curves.png").stat().st_size > 0
+
+
+def test_evaluate_needs_an_objective_path():
+    with pytest.raises(ConfigError, match="objective=PATH is required"):
+        EvaluateConfig()
+
+
+def test_evaluate_reports_missing_objective(tmp_path):
+    config = EvaluateConfig(
+        objective_path=str(tmp_path / "none"), logger_mode="disabled"
+    )
+    with pytest.raises(ObjectiveFileError, match="missing"):
+        evaluate(config, tmp_path)
