@@ -63,7 +63,7 @@ class ObjectiveConfig:
 class MetaConfig:
     """The outer loop: meta-steps, population, meta-gradient and meta-loss."""
 
-    steps: int = 1500
+    steps: int = 1200
     inner_steps: int = 16
     population_size: int = 4
     lifetime: int = 4096
