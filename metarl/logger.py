@@ -110,3 +110,16 @@ class RunLogger:
             except Exception as error:  # any failure of an optional logger
                 self._warn("finish", error)
             self._wandb = None
+
+
+class NullLogger:
+    """A logger that writes nothing: what processes other than 0 log to."""
+
+    wandb_dir = None
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        """Drops `record`."""
+        del record, step
+
+    def close(self) -> None:
+        """Nothing to close."""
