@@ -86,6 +86,9 @@ def start_from_argv(argv: list[str]) -> list[str]:
     the job runs, so a process must know whether it is process 0 before Hydra
     starts. This composes the config from `argv` (writing nothing), reads its
     `distributed` group, and initialises JAX's distributed runtime if enabled.
+    Where the overrides do not compose on their own (a `--multirun` sweep),
+    the runtime starts later, in `run`, and Hydra's own records are written by
+    every process.
 
     Args:
       argv: the command-line arguments: Hydra overrides and flags.
@@ -95,8 +98,8 @@ def start_from_argv(argv: list[str]) -> list[str]:
       nothing; empty on process 0 and when `distributed.enabled` is false.
 
     Raises:
-      ConfigError: for invalid `distributed` settings, a distributed
-        `--multirun`, or a failed start of the distributed runtime.
+      ConfigError: for invalid `distributed` settings or a failed start of the
+        distributed runtime.
     """
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
@@ -114,7 +117,5 @@ def start_from_argv(argv: list[str]) -> list[str]:
     config = from_dict(DistributedConfig, settings, prefix="distributed.")
     if not config.enabled:
         return []
-    if {"-m", "--multirun"} & set(argv):
-        raise ConfigError("a distributed run is a single job; drop --multirun")
     initialize(config)
     return [] if is_main_process() else list(QUIET_HYDRA_OVERRIDES)

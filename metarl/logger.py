@@ -113,9 +113,15 @@ class RunLogger:
 
 
 class NullLogger:
-    """A logger that writes nothing: what processes other than 0 log to."""
+    """A logger that writes nothing, for processes other than 0.
+
+    It takes the arguments of `RunLogger` and ignores them.
+    """
 
     wandb_dir = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        del args, kwargs
 
     def log(self, record: dict[str, Any], step: int) -> None:
         """Drops `record`."""

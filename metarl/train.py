@@ -94,17 +94,14 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
     meta, log_cfg = config.meta, config.logger
     trainer = Trainer(config)
     main_process = distributed.is_main_process()
-    logger = (
-        RunLogger(
-            run_dir,
-            resolved,
-            mode=log_cfg.mode,
-            project=log_cfg.project,
-            entity=log_cfg.entity,
-            name=log_cfg.name,
-        )
-        if main_process
-        else NullLogger()
+    logger_class = RunLogger if main_process else NullLogger
+    logger = logger_class(
+        run_dir,
+        resolved,
+        mode=log_cfg.mode,
+        project=log_cfg.project,
+        entity=log_cfg.entity,
+        name=log_cfg.name,
     )
     print(
         f"metarl: {config.env.name} | population {meta.population_size} x "
