@@ -155,11 +155,15 @@ def main() -> None:
         print(json.dumps(measure(args)))
         return
 
+    # Other work on the machine takes cores from the simulated devices; the
+    # load average says how much.
+    load_before = os.getloadavg()[0]
     rows = [_run_worker(args, n) for n in args.devices]
     kind = "real" if args.real else "simulated"
     print(
         f"{args.scaling} scaling on {kind} {rows[0]['platform']} devices, "
-        f"{os.cpu_count()} CPU cores: {args.env}, {args.num_envs} envs x "
+        f"{os.cpu_count()} CPU cores (load average {load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after): {args.env}, {args.num_envs} envs x "
         f"{args.unroll_length} steps, K={args.inner_steps}, hidden "
         f"{args.hidden_sizes}, median of {args.repeats} meta-steps\n"
     )
