@@ -1,7 +1,5 @@
 """Short environment names and the gymnax environments they stand for."""
 
-import gymnax
-
 from envs.vec import VecEnv
 
 ENV_IDS = {
@@ -42,6 +40,10 @@ def make(name: str, num_envs: int, max_episode_steps: int | None = None) -> VecE
         )
     if num_envs < 1:
         raise ValueError(f"num_envs must be positive, got {num_envs}")
+    # Importing gymnax creates arrays, which starts JAX's backend; deferring it
+    # to here leaves a multi-process run free to connect its processes first.
+    import gymnax
+
     env, env_params = gymnax.make(ENV_IDS[name])
     if max_episode_steps is not None:
         if max_episode_steps < 1:

@@ -89,6 +89,44 @@ class LoggerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Several processes (hosts) that run one meta-step together.
+
+    With `enabled`, `jax.distributed.initialize` connects the processes; the
+    three settings left unset are detected from the cluster environment
+    (SLURM, Open MPI, Kubernetes, ...) the way JAX does.
+    """
+
+    enabled: bool = False
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    def __post_init__(self):
+        given = [
+            f"distributed.{name}"
+            for name in ("coordinator_address", "num_processes", "process_id")
+            if getattr(self, name) is not None
+        ]
+        if given and not self.enabled:
+            raise ConfigError(
+                f"{', '.join(given)} set but distributed.enabled is false; add "
+                "distributed.enabled=true or drop them"
+            )
+        if self.num_processes is not None and self.num_processes <= 0:
+            raise ConfigError(
+                f"distributed.num_processes must be positive, got {self.num_processes}"
+            )
+        if self.process_id is not None and not (
+            0 <= self.process_id < (self.num_processes or self.process_id + 1)
+        ):
+            raise ConfigError(
+                "distributed.process_id must lie in [0, distributed.num_processes), "
+                f"got {self.process_id}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything `python -m metarl.train` needs."""
 
@@ -97,6 +135,7 @@ class TrainConfig:
     objective: ObjectiveConfig = ObjectiveConfig()
     meta: MetaConfig = MetaConfig()
     logger: LoggerConfig = LoggerConfig()
+    distributed: DistributedConfig = DistributedConfig()
     seed: int = 0
     dtype: str = "float32"
 

@@ -110,3 +110,22 @@ class RunLogger:
             except Exception as error:  # any failure of an optional logger
                 self._warn("finish", error)
             self._wandb = None
+
+
+class NullLogger:
+    """A logger that writes nothing, for processes other than 0.
+
+    It takes the arguments of `RunLogger` and ignores them.
+    """
+
+    wandb_dir = None
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        del args, kwargs
+
+    def log(self, record: dict[str, Any], step: int) -> None:
+        """Drops `record`."""
+        del record, step
+
+    def close(self) -> None:
+        """Nothing to close."""

@@ -1,6 +1,7 @@
 """Learned objectives: losses for agents whose free parameters are meta-learned."""
 
 import dataclasses
+import math
 
 import chex
 import jax
@@ -9,8 +10,10 @@ import jax.numpy as jnp
 from agents import LossHyperparams, Trajectory, actor_critic_loss
 
 
+# Host-side maths keeps `init` traceable, so the trainer can build its state
+# inside `jax.jit` directly on the devices it belongs on.
 def _logit(p: float) -> float:
-    return float(jnp.log(p) - jnp.log1p(-p))
+    return math.log(p) - math.log1p(-p)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +44,8 @@ class ParametricObjective:
         values = {
             "discount_logit": _logit(self.init_discount),
             "lambda_logit": _logit(self.init_lambda),
-            "log_entropy_coef": float(jnp.log(self.init_entropy_coef)),
-            "log_value_coef": float(jnp.log(self.init_value_coef)),
+            "log_entropy_coef": math.log(self.init_entropy_coef),
+            "log_value_coef": math.log(self.init_value_coef),
         }
         return {k: jnp.asarray(v, dtype) for k, v in values.items()}
 

@@ -19,12 +19,13 @@ import jax
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from metarl import distributed
 from metarl.cli import check_group_choices, config_dir, fail
 from metarl.config import ConfigError, TrainConfig, from_dict
 from metarl.export import save_objective
-from metarl.logger import RunLogger
+from metarl.logger import NullLogger, RunLogger
 
-CONFIG_GROUPS = ("env", "agent", "objective", "meta", "logger")
+CONFIG_GROUPS = ("env", "agent", "objective", "meta", "logger", "distributed")
 
 
 def _format_count(n: float) -> str:
@@ -81,13 +82,20 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
       resolved: the configuration as plain values, for the record.
 
     Returns:
-      The folder of the saved objective.
+      The folder of the saved objective (written by process 0 only).
+
+    Raises:
+      ConfigError: if the population does not split over the devices, or the
+        distributed runtime does not start.
     """
     from metarl.trainer import Trainer
 
+    distributed.initialize(config.distributed)
     meta, log_cfg = config.meta, config.logger
     trainer = Trainer(config)
-    logger = RunLogger(
+    main_process = distributed.is_main_process()
+    logger_class = RunLogger if main_process else NullLogger
+    logger = logger_class(
         run_dir,
         resolved,
         mode=log_cfg.mode,
@@ -100,6 +108,13 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
         f"{config.agent.num_envs} envs | K={meta.inner_steps} inner updates of "
         f"{config.agent.unroll_length} steps | meta.grad={meta.grad} | "
         f"{meta.steps} meta-steps | run dir {run_dir}",
+        flush=True,
+    )
+    layout = trainer.layout
+    print(
+        f"metarl: {layout.agents_per_device} agent(s) on each of "
+        f"{layout.num_devices} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es)",
         flush=True,
     )
     state = trainer.init(config.seed)
@@ -137,13 +152,15 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
                 )
                 window, window_start = [], time.perf_counter()
     finally:
-        objective_dir = save_objective(
-            run_dir / "objective",
-            trainer.objective,
-            jax.device_get(state.meta_params),
-            train_envs=[config.env.name],
-            meta_step=int(state.step),
-        )
+        objective_dir = run_dir / "objective"
+        if main_process:
+            save_objective(
+                objective_dir,
+                trainer.objective,
+                jax.device_get(state.meta_params),
+                train_envs=[config.env.name],
+                meta_step=int(state.step),
+            )
         logger.close()
     print(
         f"metarl: done in {time.perf_counter() - start:.1f}s; objective saved to "
@@ -162,13 +179,25 @@ def _main(cfg: DictConfig) -> None:
     except ConfigError as error:
         fail(str(error))
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    run(config, run_dir, resolved)
+    try:
+        distributed.initialize(config.distributed)
+        if distributed.is_main_process():
+            (run_dir / "config.yaml").write_text(
+                OmegaConf.to_yaml(OmegaConf.create(resolved))
+            )
+        with distributed.quiet_unless_main():
+            run(config, run_dir, resolved)
+    except ConfigError as error:
+        fail(str(error))
 
 
 def main() -> None:
     """Entry point of `python -m metarl.train`."""
     check_group_choices(sys.argv[1:], CONFIG_GROUPS)
+    try:
+        sys.argv += distributed.start_from_argv(sys.argv[1:])
+    except ConfigError as error:
+        fail(str(error))
     hydra.main(version_base=None, config_path=str(config_dir()), config_name="config")(
         _main
     )()

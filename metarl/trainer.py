@@ -1,5 +1,6 @@
 """The meta-trainer: a population of agents, K inner updates, one meta-update."""
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -13,6 +14,7 @@ from metarl.config import TrainConfig
 from metarl.meta_loss import policy_gradient_meta_loss
 from metarl.metagrad import InnerProblem, InnerState, MetaGradConfig, from_optax, unroll
 from metarl.objectives import make_objective
+from metarl.sharding import agent_keys, make_layout
 
 
 class AgentState(NamedTuple):
@@ -48,11 +50,25 @@ class Trainer:
     are scored by the meta-loss on fresh rollouts, the meta-gradient averaged
     over the population updates the objective by Adam, and agents that reached
     `meta.lifetime` updates start again from fresh parameters.
+
+    The population is split over `devices` (by default every device of every
+    process) and the rest of the state is replicated; the mean over the
+    population is then an average across devices (see `metarl.sharding`).
+
+    Args:
+      config: the validated configuration.
+      devices: the devices to lay the population over; all if None.
+
+    Raises:
+      ConfigError: if the population does not split evenly over the devices.
     """
 
-    def __init__(self, config: TrainConfig):
+    def __init__(
+        self, config: TrainConfig, devices: Sequence[jax.Device] | None = None
+    ):
         self.config = config
         agent, meta = config.agent, config.meta
+        self.layout = make_layout(meta.population_size, devices)
         self.dtype = jnp.float64 if config.dtype == "float64" else jnp.float32
         if self.dtype == jnp.float64 and not jax.config.jax_enable_x64:
             jax.config.update("jax_enable_x64", True)
@@ -108,7 +124,14 @@ class Trainer:
             * agent.unroll_length
             * (meta.inner_steps + 1)
         )
-        self.meta_step = jax.jit(self._meta_step, donate_argnums=0)
+        shardings = self.layout.state_shardings(jax.eval_shape(self._init, 0))
+        self._jit_init = jax.jit(self._init, out_shardings=shardings)
+        self.meta_step = jax.jit(
+            self._meta_step,
+            donate_argnums=0,
+            in_shardings=(shardings,),
+            out_shardings=(shardings, self.layout.replicated),
+        )
 
     def _rollout(self, params, env_carry, key):
         return rollout(
@@ -132,14 +155,24 @@ class Trainer:
         )
 
     def init(self, seed: int) -> MetaState:
-        """The state before the first meta-step.
+        """The state before the first meta-step, laid out over the devices.
 
         Agents' ages are staggered evenly over a lifetime so that, once every
         agent has been re-initialised once, the objective is trained on agents
         at every stage of learning at the same time.
+
+        Args:
+          seed: the run seed; each agent's key derives from it and the agent's
+            place on the device mesh.
+
+        Returns:
+          The `MetaState`, its population split over the devices.
         """
+        return self._jit_init(seed)
+
+    def _init(self, seed) -> MetaState:
         meta = self.config.meta
-        keys = jax.random.split(jax.random.key(seed), meta.population_size)
+        keys = agent_keys(seed, meta.population_size)
         inner = jax.vmap(self.init_agent)(keys)
         ages = (
             jnp.arange(meta.population_size) * meta.lifetime
