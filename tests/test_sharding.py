@@ -23,7 +23,7 @@ from metarl.config import ConfigError, DistributedConfig, TrainConfig, from_dict
 from metarl.sharding import agent_keys, check_population_size
 
 REPO = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 240
+TIMEOUT_S = 600
 TINY_RUN = [
     "env=catch",
     "agent.num_envs=2",
