@@ -4,6 +4,7 @@ Public entry points:
 
 * `load_objective(path)` and `save_objective(...)`: learned objectives on disk.
 * `ParametricObjective`: the actor-critic loss with learned scalars.
+* `make_trajectory(...)`: a user's own rollout, packed for `LoadedObjective.loss`.
 * `metarl.metagrad`: differentiable unrolls of inner updates (MixFlow-MG and
   plain autodiff).
 * `python -m metarl.train`: the meta-training command.
@@ -18,6 +19,7 @@ from metarl.export import (
     save_objective,
 )
 from metarl.objectives import ParametricObjective
+from metarl.trajectory import make_trajectory
 
 __all__ = [
     "LoadedObjective",
@@ -25,5 +27,6 @@ __all__ = [
     "ParametricObjective",
     "__version__",
     "load_objective",
+    "make_trajectory",
     "save_objective",
 ]
