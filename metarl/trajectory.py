@@ -13,6 +13,9 @@ def make_trajectory(
     truncated,
     values,
     next_values,
+    log_probs=None,
+    predictions=None,
+    next_predictions=None,
 ) -> Trajectory:
     """Packs the outputs of a user's own rollout for `LoadedObjective.loss`.
 
@@ -31,6 +34,12 @@ def make_trajectory(
       values: the acting network's values of `obs`, `[T, B]`.
       next_values: its values of the observations the actions led to (before
         any automatic reset), `[T, B]`.
+      log_probs: for `learned_targets` only: the acting policy's
+        log-probabilities of the actions, `[T, B]`.
+      predictions: for `learned_targets` only: the acting network's
+        prediction vectors of `obs`, `[T, B, M]`.
+      next_predictions: for `learned_targets` only: its prediction vectors of
+        the observations the actions led to, `[T, B, M]`.
 
     Returns:
       An `agents.Trajectory` with boolean flags and integer actions.
@@ -52,11 +61,22 @@ def make_trajectory(
         "values": values,
         "next_values": next_values,
     }
+    if log_probs is not None:
+        named["log_probs"] = log_probs
     for name, array in named.items():
         shape = tuple(jnp.shape(array))
         if shape != leading:
             raise ValueError(
                 f"{name} has shape {shape}, expected [T, B] = {leading} like obs"
+            )
+    for name, array in (
+        ("predictions", predictions),
+        ("next_predictions", next_predictions),
+    ):
+        if array is not None and tuple(jnp.shape(array))[:2] != leading:
+            raise ValueError(
+                f"{name} has shape {tuple(jnp.shape(array))}, expected "
+                f"[T, B, M] with [T, B] = {leading} like obs"
             )
     return Trajectory(
         obs=obs,
@@ -66,4 +86,9 @@ def make_trajectory(
         truncated=jnp.asarray(truncated).astype(bool),
         values=jnp.asarray(values),
         next_values=jnp.asarray(next_values),
+        log_probs=None if log_probs is None else jnp.asarray(log_probs),
+        predictions=None if predictions is None else jnp.asarray(predictions),
+        next_predictions=None
+        if next_predictions is None
+        else jnp.asarray(next_predictions),
     )
