@@ -25,6 +25,9 @@ class ActorCritic(nn.Module):
       torso: "mlp" or "conv".
       conv_features: filters of the convolution when `torso="conv"`.
       activation: "tanh" or "relu".
+      prediction_size: size of an extra prediction-vector head whose meaning
+        a learned objective decides (Oh et al., 2020, "Discovering
+        Reinforcement Learning Algorithms"); 0 for none.
     """
 
     num_actions: int
@@ -32,6 +35,7 @@ class ActorCritic(nn.Module):
     torso: str = "mlp"
     conv_features: int = 16
     activation: str = "tanh"
+    prediction_size: int = 0
 
     def _encode(self, obs: jnp.ndarray, obs_ndim: int) -> jnp.ndarray:
         batch_shape = obs.shape[: obs.ndim - obs_ndim]
@@ -49,13 +53,21 @@ class ActorCritic(nn.Module):
 
     @nn.compact
     def __call__(self, obs: jnp.ndarray, obs_ndim: int = 1):
-        """Returns `(logits [..., A], value [...])` for observations `[..., *obs]`."""
+        """Returns `(logits [..., A], value [...])` for observations `[..., *obs]`.
+
+        With a prediction head, returns `(logits, value, prediction [..., M])`.
+        """
         hidden = self._mlp(self._encode(obs, obs_ndim))
         logits = nn.Dense(
             self.num_actions, kernel_init=nn.initializers.orthogonal(0.01)
         )(hidden)
         value = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0))(hidden)
-        return logits, jnp.squeeze(value, -1)
+        if not self.prediction_size:
+            return logits, jnp.squeeze(value, -1)
+        prediction = nn.Dense(
+            self.prediction_size, kernel_init=nn.initializers.orthogonal(0.01)
+        )(hidden)
+        return logits, jnp.squeeze(value, -1), prediction
 
 
 def make_network(
@@ -65,6 +77,7 @@ def make_network(
     torso: str = "mlp",
     conv_features: int = 16,
     activation: str = "tanh",
+    prediction_size: int = 0,
 ) -> "Network":
     """Builds an actor-critic network for observations of shape `obs_shape`.
 
@@ -75,9 +88,11 @@ def make_network(
       torso: "mlp" (flattened observations) or "conv" (needs `H x W x C`).
       conv_features: filters of the convolution.
       activation: "tanh" or "relu".
+      prediction_size: size of the prediction-vector head (0: none).
 
     Returns:
-      A `Network` with `init(key)` and `apply(params, obs)`.
+      A `Network` with `init(key)`, `apply(params, obs)` and, with a
+      prediction head, `apply_predictions(params, obs)`.
 
     Raises:
       ValueError: for an unknown torso or activation, or a conv torso on
@@ -101,6 +116,7 @@ def make_network(
         torso=torso,
         conv_features=conv_features,
         activation=activation,
+        prediction_size=prediction_size,
     )
     return Network(module=module, obs_shape=tuple(obs_shape))
 
@@ -117,7 +133,28 @@ class Network:
         params = self.module.init(key, jnp.zeros(self.obs_shape), len(self.obs_shape))
         return jax.tree.map(lambda x: x.astype(dtype), params)
 
+    @property
+    def prediction_size(self) -> int:
+        """Size of the prediction-vector head; 0 when there is none."""
+        return self.module.prediction_size
+
     def apply(self, params, obs):
         """Returns `(logits [..., A], value [...])` for observations `[..., *obs]`."""
+        return self._apply(params, obs)[:2]
+
+    def apply_predictions(self, params, obs):
+        """Returns `(logits [..., A], value [...], prediction [..., M])`.
+
+        Raises:
+          ValueError: if the network has no prediction head.
+        """
+        if not self.prediction_size:
+            raise ValueError(
+                "this network has no prediction head; build it with "
+                "make_network(..., prediction_size=M)"
+            )
+        return self._apply(params, obs)
+
+    def _apply(self, params, obs):
         dtype = jax.tree.leaves(params)[0].dtype
         return self.module.apply(params, obs.astype(dtype), len(self.obs_shape))

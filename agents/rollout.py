@@ -25,6 +25,10 @@ class Trajectory(NamedTuple):
     truncated: chex.Array  # [T, B] bool
     values: chex.Array  # [T, B] behaviour values of `obs`
     next_values: chex.Array  # [T, B] behaviour values of the next states
+    # Only for networks with a prediction head (learned-target objectives):
+    log_probs: chex.Array | None = None  # [T, B] behaviour log-prob of actions
+    predictions: chex.Array | None = None  # [T, B, M] behaviour predictions
+    next_predictions: chex.Array | None = None  # [T, B, M] of the next states
 
 
 class RolloutStats(NamedTuple):
@@ -47,6 +51,8 @@ def rollout(
 
     The returned trajectory is a constant for differentiation: gradients of
     losses built on it flow only through the networks applied in the loss.
+    A network with a prediction head also records the log-probabilities of
+    the actions and the predictions at `t` and `t+1`.
 
     Args:
       network: a `Network` with `apply(params, obs) -> (logits, value)`.
@@ -60,19 +66,34 @@ def rollout(
       `(trajectory, env_carry_after, stats)`.
     """
 
+    with_predictions = bool(getattr(network, "prediction_size", 0))
+
+    def evaluate(obs):
+        if with_predictions:
+            return network.apply_predictions(params, obs)
+        logits, value = network.apply(params, obs)
+        return logits, value, None
+
     def step(carry, step_key):
         env_carry = carry
         action_key, env_key = jax.random.split(step_key)
 
         # Act with the current policy.
-        logits, value = network.apply(params, env_carry.obs)
+        logits, value, prediction = evaluate(env_carry.obs)
+        policy = distrax.Categorical(logits=logits)
         # gymnax environments expect int32 actions, also in 64-bit mode.
-        action = distrax.Categorical(logits=logits).sample(seed=action_key)
-        action = action.astype(jnp.int32)
+        action = policy.sample(seed=action_key).astype(jnp.int32)
 
         # Step the environments and value the states the actions led to.
         new_carry, out = env.step(env_carry, action, env_key)
-        _, next_value = network.apply(params, out.next_obs)
+        _, next_value, next_prediction = evaluate(out.next_obs)
+        extras = {}
+        if with_predictions:
+            extras = {
+                "log_probs": policy.log_prob(action),
+                "predictions": prediction,
+                "next_predictions": next_prediction,
+            }
         transition = Trajectory(
             obs=env_carry.obs,
             actions=action,
@@ -81,6 +102,7 @@ def rollout(
             truncated=out.truncated,
             values=value,
             next_values=next_value,
+            **extras,
         )
         done = jnp.logical_or(out.terminated, out.truncated)
         stats = RolloutStats(

@@ -53,10 +53,24 @@ class ObjectiveConfig:
     """The learned objective and where its parameters start."""
 
     name: str = "parametric"
+    # parametric: where the learned scalars start.
     init_discount: float = 0.99
     init_lambda: float = 0.95
     init_entropy_coef: float = 0.01
     init_value_coef: float = 0.5
+    # learned_targets: the meta-network, the agent's prediction vector and
+    # the regularisers that keep the targets stable.
+    prediction_size: int = 8
+    embed_size: int = 8
+    hidden_size: int = 16
+    prediction_coef: float = 1.0
+    value_coef: float = 0.5
+    value_discount: float = 0.99
+    value_lambda: float = 0.95
+    policy_entropy_reg: float = 0.01
+    prediction_entropy_reg: float = 0.001
+    policy_target_reg: float = 0.001
+    prediction_target_reg: float = 0.001
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +195,7 @@ def _validate(cfg: TrainConfig) -> None:
     _choice(agent.activation, ("tanh", "relu"), "agent.activation")
     _choice(opt.name, ("adam", "rmsprop", "sgd"), "agent.optimizer.name")
     _choice(meta.grad, GRAD_MODES, "meta.grad")
-    _choice(cfg.objective.name, ("parametric",), "objective.name")
+    _choice(cfg.objective.name, ("parametric", "learned_targets"), "objective.name")
     _choice(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
     _choice(cfg.dtype, ("float32", "float64"), "dtype")
     if opt.eps_root < 0 or (opt.name == "rmsprop" and opt.eps_root == 0):
@@ -205,6 +219,9 @@ def _validate(cfg: TrainConfig) -> None:
     for value, name in [
         (cfg.objective.init_entropy_coef, "objective.init_entropy_coef"),
         (cfg.objective.init_value_coef, "objective.init_value_coef"),
+        (cfg.objective.prediction_size, "objective.prediction_size"),
+        (cfg.objective.embed_size, "objective.embed_size"),
+        (cfg.objective.hidden_size, "objective.hidden_size"),
     ]:
         _positive(value, name)
 

@@ -59,7 +59,8 @@ def save_objective(
     """Writes `objective` and its parameters to the folder `path`.
 
     The folder holds `spec.json` (format version, objective name and
-    hyperparameters, parameter names and shapes, metarl version, training
+    hyperparameters, the per-step input features it reads, parameter names
+    and shapes, metarl version, training
     environments, meta-step) and `params.npz`. Both are written to temporary
     files first and renamed, so a crash never leaves a half-written file.
 
@@ -80,6 +81,7 @@ def save_objective(
         "format_version": FORMAT_VERSION,
         "objective": objective.name,
         "hyperparameters": objective.spec(),
+        "input_features": list(getattr(objective, "input_features", ())),
         "params": {
             k: {"shape": list(v.shape), "dtype": str(v.dtype)}
             for k, v in arrays.items()
@@ -108,8 +110,9 @@ def load_objective(path: str | os.PathLike) -> LoadedObjective:
 
     Raises:
       ObjectiveFileError: if a file is missing or corrupt, the format is newer
-        than this metarl reads, the objective is unknown, or the parameters do
-        not match the spec.
+        than this metarl reads, the objective is unknown, its input features
+        differ from the ones this metarl's objective reads, or the parameters
+        do not match the spec.
     """
     path = Path(path)
     spec_path, params_path = path / SPEC_FILE, path / PARAMS_FILE
@@ -143,6 +146,13 @@ def load_objective(path: str | os.PathLike) -> LoadedObjective:
         raise ObjectiveFileError(
             f"{spec_path} has hyperparameters that {name} does not take ({error})"
         ) from error
+    saved_features = spec.get("input_features")
+    features = list(getattr(objective, "input_features", ()))
+    if saved_features is not None and saved_features != features:
+        raise ObjectiveFileError(
+            f"{spec_path} expects input features {saved_features}, but this "
+            f"metarl's {name} reads {features}; use the metarl version that saved it"
+        )
     try:
         with np.load(params_path) as data:
             arrays = {k: data[k] for k in data.files}

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from agents import LossHyperparams, Trajectory, actor_critic_loss
+from metarl.learned_targets import LearnedTargetsObjective
 
 
 # Host-side maths keeps `init` traceable, so the trainer can build its state
@@ -38,6 +39,7 @@ class ParametricObjective:
     init_value_coef: float = 0.5
 
     name = "parametric"
+    input_features = ("reward", "terminated", "truncated", "value", "next_value")
 
     def init(self, dtype=jnp.float32) -> dict[str, chex.Array]:
         """The starting meta-parameters."""
@@ -81,7 +83,10 @@ class ParametricObjective:
         return dataclasses.asdict(self)
 
 
-OBJECTIVES = {"parametric": ParametricObjective}
+OBJECTIVES = {
+    "parametric": ParametricObjective,
+    "learned_targets": LearnedTargetsObjective,
+}
 
 
 def make_objective(name: str, **kwargs):
@@ -95,3 +100,24 @@ def make_objective(name: str, **kwargs):
             f"unknown objective '{name}'; choose one of: {', '.join(OBJECTIVES)}"
         )
     return OBJECTIVES[name](**kwargs)
+
+
+def objective_from_config(config) -> object:
+    """Builds the objective a config's `objective` group describes.
+
+    Args:
+      config: an `ObjectiveConfig`; only the settings the named objective
+        takes are passed on.
+
+    Returns:
+      The objective.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    name = config.name
+    if name not in OBJECTIVES:
+        return make_objective(name)
+    taken = {field.name for field in dataclasses.fields(OBJECTIVES[name])}
+    settings = dataclasses.asdict(config)
+    return make_objective(name, **{k: v for k, v in settings.items() if k in taken})

@@ -13,7 +13,7 @@ from agents import make_network, make_optimizer, rollout
 from metarl.config import TrainConfig
 from metarl.meta_loss import policy_gradient_meta_loss
 from metarl.metagrad import InnerProblem, InnerState, MetaGradConfig, from_optax, unroll
-from metarl.objectives import make_objective
+from metarl.objectives import objective_from_config
 from metarl.sharding import agent_keys, make_layout
 
 
@@ -75,6 +75,7 @@ class Trainer:
         self.env = envs.make(
             config.env.name, agent.num_envs, config.env.max_episode_steps
         )
+        self.objective = objective_from_config(config.objective)
         self.network = make_network(
             num_actions=self.env.num_actions,
             obs_shape=self.env.obs_shape,
@@ -82,6 +83,7 @@ class Trainer:
             torso=agent.torso,
             conv_features=agent.conv_features,
             activation=agent.activation,
+            prediction_size=getattr(self.objective, "prediction_size", 0),
         )
         opt = agent.optimizer
         self.optimizer = make_optimizer(
@@ -92,14 +94,6 @@ class Trainer:
             eps_root=opt.eps_root,
             momentum=opt.momentum,
             weight_decay=opt.weight_decay,
-        )
-        obj = config.objective
-        self.objective = make_objective(
-            obj.name,
-            init_discount=obj.init_discount,
-            init_lambda=obj.init_lambda,
-            init_entropy_coef=obj.init_entropy_coef,
-            init_value_coef=obj.init_value_coef,
         )
         self.problem = InnerProblem(
             rollout=self._rollout,
@@ -203,6 +197,12 @@ class Trainer:
         meta_loss = policy_gradient_meta_loss(
             self.network, inner.params, trajectory, meta.discount, meta.lambda_
         )
+        # Objectives with learned targets regularise them in the meta-loss.
+        regularizer = getattr(self.objective, "meta_regularizer", None)
+        if regularizer is not None:
+            meta_loss = meta_loss + regularizer(
+                self.network, inner.params, meta_params, trajectory
+            )
         inner = inner._replace(env=env_carry, key=key)
         stats = jax.tree.map(lambda s, m: s.sum() + m, stats, meta_stats)
         metrics = jax.tree.map(jnp.mean, metrics)
