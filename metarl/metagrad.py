@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -152,6 +153,48 @@ def _float_cotangent(cotangent, primal):
     return jax.tree.map(fix, cotangent, primal)
 
 
+def _primitive_names(jaxpr) -> set[str]:
+    """The names of the primitives in `jaxpr` and in all its sub-jaxprs."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _primitive_names(sub)
+    return names
+
+
+def _forward_mode_error(reason: str) -> MetaGradError:
+    return MetaGradError(
+        "meta.grad=mixflow needs forward-mode derivatives of the inner loss, and "
+        f"they failed ({reason}); use meta.grad=autodiff"
+    )
+
+
+def _hessian_vector_products(joint_grad, params, meta_params, tangent):
+    """`(H_thth v, H_etath v)` by one JVP of the joint gradient along `(v, 0)`.
+
+    Raises:
+      MetaGradError: if the loss cannot be differentiated in forward mode.
+    """
+
+    def hvp(params, meta_params, tangent):
+        meta_tangent = jax.tree.map(jnp.zeros_like, meta_params)
+        return jax.jvp(joint_grad, (params, meta_params), (tangent, meta_tangent))[1]
+
+    try:
+        # A custom VJP reached by forward mode may either fail while tracing
+        # or leave a `custom_lin` that only fails when compiled, far from
+        # here; tracing first catches both with a message that names the fix.
+        jaxpr = jax.make_jaxpr(hvp)(params, meta_params, tangent)
+    except TypeError as error:
+        raise _forward_mode_error(str(error).strip().splitlines()[0]) from error
+    if "custom_lin" in _primitive_names(jaxpr.jaxpr):
+        raise _forward_mode_error(
+            "a jax.custom_vjp function in the loss has no forward-mode rule"
+        )
+    return hvp(params, meta_params, tangent)
+
+
 def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
     """The inner step with MixFlow-MG's custom VJP."""
 
@@ -214,18 +257,9 @@ def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
 
         # One forward-mode JVP of the joint gradient along (g_bar, 0) gives
         # H_thth g_bar and H_etath g_bar together.
-        try:
-            _, (params_hvp, meta_hvp) = jax.jvp(
-                lambda p, m: joint_grad(p, m, data),
-                (state.params, meta_params),
-                (grads_bar, jax.tree.map(jnp.zeros_like, meta_params)),
-            )
-        except TypeError as error:
-            reason = str(error).strip().splitlines()[0]
-            raise MetaGradError(
-                "meta.grad=mixflow needs forward-mode derivatives of the inner "
-                f"loss, and they failed ({reason}); use meta.grad=autodiff"
-            ) from error
+        params_hvp, meta_hvp = _hessian_vector_products(
+            lambda p, m: joint_grad(p, m, data), state.params, meta_params, grads_bar
+        )
 
         params_bar = jax.tree.map(jnp.add, params_bar_direct, params_hvp)
         meta_bar = jax.tree.map(jnp.add, meta_bar_optimizer, meta_hvp)
