@@ -170,29 +170,50 @@ def _forward_mode_error(reason: str) -> MetaGradError:
     )
 
 
-def _hessian_vector_products(joint_grad, params, meta_params, tangent):
-    """`(H_thth v, H_etath v)` by one JVP of the joint gradient along `(v, 0)`.
+def _check_forward_mode(joint_grad, params, meta_params) -> None:
+    """Raises `MetaGradError` if the loss cannot be differentiated in forward mode.
 
-    Raises:
-      MetaGradError: if the loss cannot be differentiated in forward mode.
+    A custom VJP reached by forward mode may either fail while tracing or
+    leave a `custom_lin` that only fails when compiled, far from here; tracing
+    a JVP first catches both with a message that names the fix.
     """
-
-    def hvp(params, meta_params, tangent):
-        meta_tangent = jax.tree.map(jnp.zeros_like, meta_params)
-        return jax.jvp(joint_grad, (params, meta_params), (tangent, meta_tangent))[1]
-
+    tangents = jax.tree.map(jnp.zeros_like, (params, meta_params))
     try:
-        # A custom VJP reached by forward mode may either fail while tracing
-        # or leave a `custom_lin` that only fails when compiled, far from
-        # here; tracing first catches both with a message that names the fix.
-        jaxpr = jax.make_jaxpr(hvp)(params, meta_params, tangent)
+        jaxpr = jax.make_jaxpr(lambda p, m: jax.jvp(joint_grad, (p, m), tangents)[1])(
+            params, meta_params
+        )
     except TypeError as error:
         raise _forward_mode_error(str(error).strip().splitlines()[0]) from error
     if "custom_lin" in _primitive_names(jaxpr.jaxpr):
         raise _forward_mode_error(
             "a jax.custom_vjp function in the loss has no forward-mode rule"
         )
-    return hvp(params, meta_params, tangent)
+
+
+def _hessian_vector_products(joint_grad, params, meta_params, grads):
+    """The inner gradient and `v -> (H_thth v, H_etath v)`, forward-over-reverse.
+
+    With `grads=None` the gradient is recomputed by linearising the joint
+    gradient, so that its value and the JVP along `(v, 0)` share one pass
+    through the loss; otherwise `grads` is used and the products come from
+    one JVP of the joint gradient.
+
+    Returns:
+      `(grads, hvp)`.
+
+    Raises:
+      MetaGradError: if the loss cannot be differentiated in forward mode.
+    """
+    _check_forward_mode(joint_grad, params, meta_params)
+    meta_tangent = jax.tree.map(jnp.zeros_like, meta_params)
+    if grads is None:
+        (grads, _), linear = jax.linearize(joint_grad, params, meta_params)
+        return grads, lambda v: linear(v, meta_tangent)
+
+    def hvp(v):
+        return jax.jvp(joint_grad, (params, meta_params), (v, meta_tangent))[1]
+
+    return grads, hvp
 
 
 def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
@@ -236,8 +257,9 @@ def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
             _, rollout_key = jax.random.split(state.key)
             data, _, _ = problem.rollout(state.params, state.env, rollout_key)
             data = jax.lax.stop_gradient(data)
-        if grads is None:
-            grads = jax.grad(loss_value)(state.params, meta_params, data)
+        grads, hvp = _hessian_vector_products(
+            lambda p, m: joint_grad(p, m, data), state.params, meta_params, grads
+        )
 
         # Pull back through the optimiser: (g, s, theta, eta) -> (theta', s').
         def apply_optimizer(grads, opt_state, params, meta_params):
@@ -257,9 +279,7 @@ def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
 
         # One forward-mode JVP of the joint gradient along (g_bar, 0) gives
         # H_thth g_bar and H_etath g_bar together.
-        params_hvp, meta_hvp = _hessian_vector_products(
-            lambda p, m: joint_grad(p, m, data), state.params, meta_params, grads_bar
-        )
+        params_hvp, meta_hvp = hvp(grads_bar)
 
         params_bar = jax.tree.map(jnp.add, params_bar_direct, params_hvp)
         meta_bar = jax.tree.map(jnp.add, meta_bar_optimizer, meta_hvp)
