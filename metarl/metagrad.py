@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import chex
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -152,6 +153,69 @@ def _float_cotangent(cotangent, primal):
     return jax.tree.map(fix, cotangent, primal)
 
 
+def _primitive_names(jaxpr) -> set[str]:
+    """The names of the primitives in `jaxpr` and in all its sub-jaxprs."""
+    names = set()
+    for eqn in jaxpr.eqns:
+        names.add(eqn.primitive.name)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            names |= _primitive_names(sub)
+    return names
+
+
+def _forward_mode_error(reason: str) -> MetaGradError:
+    return MetaGradError(
+        "meta.grad=mixflow needs forward-mode derivatives of the inner loss, and "
+        f"they failed ({reason}); use meta.grad=autodiff"
+    )
+
+
+def _check_forward_mode(joint_grad, params, meta_params) -> None:
+    """Raises `MetaGradError` if the loss cannot be differentiated in forward mode.
+
+    A custom VJP reached by forward mode may either fail while tracing or
+    leave a `custom_lin` that only fails when compiled, far from here; tracing
+    a JVP first catches both with a message that names the fix.
+    """
+    tangents = jax.tree.map(jnp.zeros_like, (params, meta_params))
+    try:
+        jaxpr = jax.make_jaxpr(lambda p, m: jax.jvp(joint_grad, (p, m), tangents)[1])(
+            params, meta_params
+        )
+    except TypeError as error:
+        raise _forward_mode_error(str(error).strip().splitlines()[0]) from error
+    if "custom_lin" in _primitive_names(jaxpr.jaxpr):
+        raise _forward_mode_error(
+            "a jax.custom_vjp function in the loss has no forward-mode rule"
+        )
+
+
+def _hessian_vector_products(joint_grad, params, meta_params, grads):
+    """The inner gradient and `v -> (H_thth v, H_etath v)`, forward-over-reverse.
+
+    With `grads=None` the gradient is recomputed by linearising the joint
+    gradient, so that its value and the JVP along `(v, 0)` share one pass
+    through the loss; otherwise `grads` is used and the products come from
+    one JVP of the joint gradient.
+
+    Returns:
+      `(grads, hvp)`.
+
+    Raises:
+      MetaGradError: if the loss cannot be differentiated in forward mode.
+    """
+    _check_forward_mode(joint_grad, params, meta_params)
+    meta_tangent = jax.tree.map(jnp.zeros_like, meta_params)
+    if grads is None:
+        (grads, _), linear = jax.linearize(joint_grad, params, meta_params)
+        return grads, lambda v: linear(v, meta_tangent)
+
+    def hvp(v):
+        return jax.jvp(joint_grad, (params, meta_params), (v, meta_tangent))[1]
+
+    return grads, hvp
+
+
 def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
     """The inner step with MixFlow-MG's custom VJP."""
 
@@ -193,8 +257,9 @@ def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
             _, rollout_key = jax.random.split(state.key)
             data, _, _ = problem.rollout(state.params, state.env, rollout_key)
             data = jax.lax.stop_gradient(data)
-        if grads is None:
-            grads = jax.grad(loss_value)(state.params, meta_params, data)
+        grads, hvp = _hessian_vector_products(
+            lambda p, m: joint_grad(p, m, data), state.params, meta_params, grads
+        )
 
         # Pull back through the optimiser: (g, s, theta, eta) -> (theta', s').
         def apply_optimizer(grads, opt_state, params, meta_params):
@@ -214,18 +279,7 @@ def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
 
         # One forward-mode JVP of the joint gradient along (g_bar, 0) gives
         # H_thth g_bar and H_etath g_bar together.
-        try:
-            _, (params_hvp, meta_hvp) = jax.jvp(
-                lambda p, m: joint_grad(p, m, data),
-                (state.params, meta_params),
-                (grads_bar, jax.tree.map(jnp.zeros_like, meta_params)),
-            )
-        except TypeError as error:
-            reason = str(error).strip().splitlines()[0]
-            raise MetaGradError(
-                "meta.grad=mixflow needs forward-mode derivatives of the inner "
-                f"loss, and they failed ({reason}); use meta.grad=autodiff"
-            ) from error
+        params_hvp, meta_hvp = hvp(grads_bar)
 
         params_bar = jax.tree.map(jnp.add, params_bar_direct, params_hvp)
         meta_bar = jax.tree.map(jnp.add, meta_bar_optimizer, meta_hvp)
