@@ -110,7 +110,7 @@ def start_from_argv(argv: list[str]) -> list[str]:
     try:
         with initialize_config_dir(config_dir=str(config_dir()), version_base=None):
             cfg = compose("config", overrides=overrides)
-        settings = OmegaConf.to_container(cfg.get("distributed", {}), resolve=True)
+        settings = OmegaConf.to_container(cfg, resolve=True).get("distributed", {})
     except (HydraException, OmegaConfBaseException):
         # Hydra reports the same mistake in its own words when it starts.
         return []
