@@ -335,21 +335,35 @@ def prepare(
     return config, run_dir, resolved
 
 
-def _main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
+def run_command(resolved: dict, hydra_dir: Path, overrides: list[str]) -> None:
+    """Runs one command, turning what can go wrong into an exit status.
 
-    hydra_cfg = HydraConfig.get()
+    Bad input exits with status 2 and a one-line message; a stopped run
+    exits with the status `RunStopped` carries.
+
+    Args:
+      resolved: the configuration Hydra composed, as plain values.
+      hydra_dir: the run directory Hydra picked.
+      overrides: the command-line overrides.
+    """
     try:
-        config, run_dir, resolved = prepare(
-            OmegaConf.to_container(cfg, resolve=True),
-            Path(hydra_cfg.runtime.output_dir),
-            list(hydra_cfg.overrides.task),
-        )
+        config, run_dir, resolved = prepare(resolved, hydra_dir, overrides)
         run(config, run_dir, resolved)
     except (ConfigError, CheckpointError, ObjectiveFileError) as error:
         fail(str(error))
     except RunStopped as error:
         fail(str(error), error.exit_code)
+
+
+def _main(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_command(
+        OmegaConf.to_container(cfg, resolve=True),
+        Path(hydra_cfg.runtime.output_dir),
+        list(hydra_cfg.overrides.task),
+    )
 
 
 def _resume_argv(argv: list[str]) -> list[str]:
@@ -383,6 +397,15 @@ def check_command(argv: list[str]) -> list[str]:
     try:
         config = from_dict(TrainConfig, compose_config(argv))
         run_dirs = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+        if (
+            isinstance(config.resume, str)
+            and run_dirs
+            and Path(run_dirs[-1]).absolute() != Path(config.resume).absolute()
+        ):
+            raise CheckpointError(
+                f"resume={config.resume} and hydra.run.dir={run_dirs[-1]} name "
+                "different run directories; pass only resume=RUN_DIR"
+            )
         # A directory given literally can be checked now; one with ${...}
         # interpolations is only known once Hydra resolves it.
         if run_dirs and "${" not in run_dirs[-1]:

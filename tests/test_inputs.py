@@ -6,10 +6,16 @@ Hydra or the trainer start; `test_resume_cli.py` runs a few as real commands.
 
 import pytest
 
+import metarl.train
 from metarl.checkpoint import CheckpointError, find_run
-from metarl.config import ConfigError, TrainConfig, from_dict
+from metarl.cli import compose_config
+from metarl.config import ConfigError, MetaConfig, TrainConfig, from_dict
+from metarl.export import ObjectiveFileError
+from metarl.guard import RunStopped
 from metarl.logger import wandb_mode
 from metarl.train import check_command
+
+META = MetaConfig()
 
 
 def _error(capsys, argv) -> str:
@@ -38,16 +44,18 @@ def _error(capsys, argv) -> str:
         (["checkpoint=often"], "unknown checkpoint 'often'; choose one of: default"),
         (
             ["meta.steps=abc"],
-            "meta.steps must be an integer, got 'abc'; write it like meta.steps=1500",
+            f"meta.steps must be an integer, got 'abc'; write it like "
+            f"meta.steps={META.steps}",
         ),
         (
             ["meta.steps=2.5"],
-            "meta.steps must be an integer, got 2.5; write it like meta.steps=1500",
+            f"meta.steps must be an integer, got 2.5; write it like "
+            f"meta.steps={META.steps}",
         ),
         (
             ["meta.learning_rate=fast"],
             "meta.learning_rate must be a number, got 'fast'; write it like "
-            "meta.learning_rate=0.001",
+            f"meta.learning_rate={META.learning_rate}",
         ),
         (["meta.learning_rate=nan"], "meta.learning_rate must be a number, got nan"),
         (
@@ -176,3 +184,36 @@ def test_find_run_refuses_a_run_killed_before_its_first_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="holds no checkpoints/ folder"):
         find_run(str(tmp_path), tmp_path)
     assert find_run(False, tmp_path / "new") == (tmp_path / "new", False)
+
+
+def test_resume_path_and_other_run_dir_conflict(capsys, tmp_path):
+    (tmp_path / "a" / "checkpoints").mkdir(parents=True)
+    message = _error(
+        capsys, [f"resume={tmp_path / 'a'}", f"hydra.run.dir={tmp_path / 'b'}"]
+    )
+    assert message == (
+        f"resume={tmp_path / 'a'} and hydra.run.dir={tmp_path / 'b'} name different "
+        "run directories; pass only resume=RUN_DIR"
+    )
+
+
+@pytest.mark.parametrize(
+    "error, code",
+    [
+        (RunStopped("stopped at meta-step 6: 3 meta-updates in a row", 3), 3),
+        (RunStopped("stopped by signal 15 after meta-step 2", 143), 143),
+        (CheckpointError("checkpoint x cannot be read"), 2),
+        (ObjectiveFileError("no saved objective at y"), 2),
+    ],
+)
+def test_command_maps_stops_and_bad_files_to_exit_status(
+    monkeypatch, capsys, tmp_path, error, code
+):
+    def failing_run(config, run_dir, resolved):
+        raise error
+
+    monkeypatch.setattr(metarl.train, "run", failing_run)
+    with pytest.raises(SystemExit) as exit_info:
+        metarl.train.run_command(compose_config(["env=catch"]), tmp_path / "r", [])
+    assert exit_info.value.code == code
+    assert capsys.readouterr().err.strip() == f"metarl: error: {error}"

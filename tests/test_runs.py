@@ -524,11 +524,12 @@ def test_failing_wandb_is_reported_once_and_run_goes_on(
 def test_resume_may_lower_learning_rates_and_says_so(finished_run):
     config, full_dir = finished_run
     checkpointer = Checkpointer(full_dir)
+    rate = config.meta.learning_rate
     lower = dataclasses.replace(
-        config, meta=dataclasses.replace(config.meta, learning_rate=5e-4)
+        config, meta=dataclasses.replace(config.meta, learning_rate=rate / 2)
     )
     assert checkpointer.check_resumable(6, lower) == [
-        "meta.learning_rate: 0.001 -> 0.0005"
+        f"meta.learning_rate: {rate} -> {rate / 2}"
     ]
     assert checkpointer.check_resumable(6, config) == []
     wider = dataclasses.replace(
