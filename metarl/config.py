@@ -1,11 +1,15 @@
 """Typed, validated run configuration, built from the Hydra YAML at the edge."""
 
 import dataclasses
+import math
 import types
 import typing
 from typing import Any
 
+from envs import ENV_IDS
 from metarl.metagrad import GRAD_MODES
+
+LOGGER_MODES = ("offline", "online", "disabled")
 
 
 class ConfigError(ValueError):
@@ -71,6 +75,9 @@ class ObjectiveConfig:
     prediction_entropy_reg: float = 0.001
     policy_target_reg: float = 0.001
     prediction_target_reg: float = 0.001
+    # A saved objective (RUN_DIR/objective) whose parameters meta-training
+    # starts from instead of the init_* values.
+    init_from: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +96,17 @@ class MetaConfig:
     max_grad_norm: float | None = 1.0
     discount: float = 0.99
     lambda_: float = 0.95
+    # Meta-updates skipped in a row for non-finite meta-gradients before the
+    # run stops: a run that keeps producing NaNs has diverged.
+    max_consecutive_skips: int = 10
 
 
 @dataclasses.dataclass(frozen=True)
 class LoggerConfig:
     """Where progress goes: console, metrics file, Weights & Biases."""
 
-    mode: str = "offline"
+    # None: WANDB_MODE from the environment if set, else offline.
+    mode: str | None = None
     project: str = "metarl"
     entity: str | None = None
     name: str | None = None
@@ -141,6 +152,14 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """How often the whole training state is saved, and how many saves are kept."""
+
+    every: int = 100  # meta-steps between checkpoints; 0: only at the end
+    keep: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything `python -m metarl.train` needs."""
 
@@ -150,8 +169,12 @@ class TrainConfig:
     meta: MetaConfig = MetaConfig()
     logger: LoggerConfig = LoggerConfig()
     distributed: DistributedConfig = DistributedConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
     seed: int = 0
     dtype: str = "float32"
+    # False: a new run. True: continue the run in the run directory. A path:
+    # continue the run in that directory.
+    resume: bool | str = False
 
     def __post_init__(self):
         _validate(self)
@@ -159,7 +182,7 @@ class TrainConfig:
 
 def _positive(value, name):
     if value is not None and value <= 0:
-        raise ConfigError(f"{name} must be positive, got {value}")
+        raise ConfigError(f"{name} must be positive, got {value}; set it above 0")
 
 
 def _choice(value, choices, name):
@@ -182,7 +205,9 @@ def _validate(cfg: TrainConfig) -> None:
         (meta.lifetime, "meta.lifetime"),
         (meta.learning_rate, "meta.learning_rate"),
         (meta.max_grad_norm, "meta.max_grad_norm"),
+        (meta.max_consecutive_skips, "meta.max_consecutive_skips"),
         (cfg.logger.log_every, "logger.log_every"),
+        (cfg.checkpoint.keep, "checkpoint.keep"),
         (cfg.env.max_episode_steps, "env.max_episode_steps"),
     ]:
         _positive(value, name)
@@ -196,12 +221,23 @@ def _validate(cfg: TrainConfig) -> None:
     _choice(opt.name, ("adam", "rmsprop", "sgd"), "agent.optimizer.name")
     _choice(meta.grad, GRAD_MODES, "meta.grad")
     _choice(cfg.objective.name, ("parametric", "learned_targets"), "objective.name")
-    _choice(cfg.logger.mode, ("offline", "online", "disabled"), "logger.mode")
+    _choice(cfg.env.name, sorted(ENV_IDS), "env.name")
+    if cfg.logger.mode is not None:
+        _choice(cfg.logger.mode, LOGGER_MODES, "logger.mode")
     _choice(cfg.dtype, ("float32", "float64"), "dtype")
     if opt.eps_root < 0 or (opt.name == "rmsprop" and opt.eps_root == 0):
         raise ConfigError(
             "agent.optimizer.eps_root must be positive for rmsprop and non-negative "
             f"otherwise, got {opt.eps_root}"
+        )
+    if cfg.checkpoint.every < 0:
+        raise ConfigError(
+            f"checkpoint.every must be 0 (only at the end) or positive, got "
+            f"{cfg.checkpoint.every}"
+        )
+    if cfg.resume == "":
+        raise ConfigError(
+            "resume must be true, false or a run directory, got an empty string"
         )
     if meta.checkpoint_every < 0:
         raise ConfigError(
@@ -226,43 +262,103 @@ def _validate(cfg: TrainConfig) -> None:
         _positive(value, name)
 
 
-def _convert(value: Any, annotation: Any, name: str) -> Any:
-    """Checks `value` against `annotation`, converting lists and ints."""
+_TYPE_NAMES = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+}
+
+
+def _example(name: str, annotation: Any, default: Any) -> str:
+    """An override of `name` that would be accepted, for error messages."""
+    if default is not None and not dataclasses.is_dataclass(default):
+        if isinstance(default, bool):
+            text = str(default).lower()
+        elif isinstance(default, tuple):
+            text = "[" + ",".join(str(v) for v in default) + "]"
+        else:
+            text = str(default)
+    else:
+        text = {bool: "true", int: "1", float: "1.0", str: "NAME"}.get(annotation, "1")
+    return f"{name}={text}"
+
+
+def _convert(value: Any, annotation: Any, name: str, default: Any = None) -> Any:
+    """Checks `value` against `annotation`, converting where the meaning is clear.
+
+    Numbers written as strings (YAML 1.1 reads `1e-3` as one) become numbers,
+    and whole floats (`1e3`) become integers; anything else of the wrong type
+    is an error whose message shows a valid override.
+    """
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
         inner = [a for a in options if a is not type(None)]
-        return _convert(value, inner[0], name)
+        if len(inner) == 1:
+            return _convert(value, inner[0], name, default)
+        for option in inner:
+            if isinstance(value, option) and not (
+                option is int and isinstance(value, bool)
+            ):
+                return value
+        kinds = " or ".join(_TYPE_NAMES.get(a, str(a)) for a in inner)
+        raise ConfigError(f"{name} must be {kinds}, got {value!r}")
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a group of settings, got {value!r}")
         return from_dict(annotation, value, prefix=name + ".")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{name} must be a list, got {value!r}")
+            raise ConfigError(
+                f"{name} must be a list, got {value!r}; write it like "
+                f"{_example(name, annotation, default)}"
+            )
         item_type = typing.get_args(annotation)[0]
         return tuple(
             _convert(v, item_type, f"{name}[{i}]") for i, v in enumerate(value)
         )
+    converted = _convert_scalar(value, annotation)
+    if converted is None:
+        if annotation not in _TYPE_NAMES:
+            raise TypeError(f"unsupported config annotation {annotation} for {name}")
+        raise ConfigError(
+            f"{name} must be {_TYPE_NAMES[annotation]}, got {value!r}; write it "
+            f"like {_example(name, annotation, default)}"
+        )
+    return converted
+
+
+def _convert_scalar(value: Any, annotation: Any) -> Any:
+    """`value` as `annotation` (bool, int, float or str), or None if it is not one."""
     if annotation is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{name} must be true or false, got {value!r}")
-        return value
-    if annotation is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{name} must be an integer, got {value!r}")
-        return value
-    if annotation is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        return None
     if annotation is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return value if isinstance(value, str) else None
+    if isinstance(value, bool):
+        return None
+    if annotation is int and isinstance(value, int):
         return value
-    raise TypeError(f"unsupported config annotation {annotation} for {name}")
+    if isinstance(value, str):
+        if annotation is int and value.strip().lstrip("+-").isdigit():
+            return int(value.strip())
+        try:
+            value = float(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    if annotation is int:
+        return int(value) if float(value).is_integer() else None
+    if annotation is float:
+        return float(value)
+    return None
 
 
 def from_dict(cls, values: dict, prefix: str = ""):
@@ -289,6 +385,7 @@ def from_dict(cls, values: dict, prefix: str = ""):
             f"'{prefix.rstrip('.') or 'the top level'}': {', '.join(sorted(fields))}"
         )
     kwargs = {
-        key: _convert(value, hints[key], prefix + key) for key, value in values.items()
+        key: _convert(value, hints[key], prefix + key, fields[key].default)
+        for key, value in values.items()
     }
     return cls(**kwargs)

@@ -11,6 +11,7 @@ import optax
 import envs
 from agents import make_network, make_optimizer, rollout
 from metarl.config import TrainConfig
+from metarl.guard import skip_nonfinite, skipped_updates
 from metarl.meta_loss import policy_gradient_meta_loss
 from metarl.metagrad import InnerProblem, InnerState, MetaGradConfig, from_optax, unroll
 from metarl.objectives import objective_from_config
@@ -86,14 +87,17 @@ class Trainer:
             prediction_size=getattr(self.objective, "prediction_size", 0),
         )
         opt = agent.optimizer
-        self.optimizer = make_optimizer(
-            opt.name,
-            opt.learning_rate,
-            max_grad_norm=opt.max_grad_norm,
-            eps=opt.eps,
-            eps_root=opt.eps_root,
-            momentum=opt.momentum,
-            weight_decay=opt.weight_decay,
+        # A non-finite agent update is skipped and counted, never applied.
+        self.optimizer = skip_nonfinite(
+            make_optimizer(
+                opt.name,
+                opt.learning_rate,
+                max_grad_norm=opt.max_grad_norm,
+                eps=opt.eps,
+                eps_root=opt.eps_root,
+                momentum=opt.momentum,
+                weight_decay=opt.weight_decay,
+            )
         )
         self.problem = InnerProblem(
             rollout=self._rollout,
@@ -277,6 +281,10 @@ class Trainer:
             "meta/grad_norm": optax.global_norm(meta_grads),
             "meta/skipped": (~finite).astype(jnp.int32),
             "agent/resets": resets,
+            "agent/skipped_updates": (
+                skipped_updates(inner.opt_state)
+                - skipped_updates(state.population.inner.opt_state)
+            ).sum(),
             "episode/return_sum": stats.return_sum.sum(),
             "episode/length_sum": stats.length_sum.sum(),
             "episode/count": stats.episodes.sum(),

@@ -91,5 +91,5 @@ def test_invalid_value_is_one_line_error(tmp_path):
     result = _train(["env=catch", "meta.population_size=0"], cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
-        "metarl: error: meta.population_size must be positive, got 0"
+        "metarl: error: meta.population_size must be positive, got 0; set it above 0"
     )
