@@ -84,12 +84,28 @@ def _is_key(x) -> bool:
 
 
 def encode_keys(tree) -> Any:
-    """`tree` with typed PRNG key arrays replaced by their raw `uint32` data."""
+    """`tree` with typed PRNG key arrays replaced by their raw `uint32` data.
+
+    Args:
+      tree: a pytree of arrays, some of them typed keys (`jax.random.key`).
+
+    Returns:
+      The same tree; each key array becomes `jax.random.key_data` of it.
+    """
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
 
 
 def decode_keys(tree, template) -> Any:
-    """Undoes `encode_keys`, wrapping key data like the keys of `template`."""
+    """Undoes `encode_keys`, wrapping key data like the keys of `template`.
+
+    Args:
+      tree: a tree that `encode_keys` produced.
+      template: a tree of the same structure with the typed keys in place;
+        each key's implementation (threefry, rbg, ...) is taken from it.
+
+    Returns:
+      `tree` with typed key arrays where `template` has them.
+    """
 
     def decode(x, like):
         if _is_key(like):
@@ -110,7 +126,14 @@ def _flatten(config: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_record(config) -> dict:
-    """The configuration as JSON values, as checkpoints record it."""
+    """The configuration as JSON values, as checkpoints record it.
+
+    Args:
+      config: a `TrainConfig`.
+
+    Returns:
+      Nested dicts of JSON values (tuples become lists).
+    """
     return json.loads(json.dumps(dataclasses.asdict(config)))
 
 

@@ -23,7 +23,14 @@ class SkipNonFiniteState(NamedTuple):
 
 
 def all_finite(tree) -> chex.Array:
-    """Whether every element of every leaf of `tree` is finite, as a `[]` bool."""
+    """Whether every element of every leaf of `tree` is finite.
+
+    Args:
+      tree: a pytree of floating-point arrays.
+
+    Returns:
+      A `[]` bool array (True for a tree without leaves).
+    """
     leaves = jax.tree.leaves(tree)
     if not leaves:
         return jnp.asarray(True)
@@ -73,7 +80,15 @@ def skip_nonfinite(
 
 
 def skipped_updates(opt_state: SkipNonFiniteState) -> chex.Array:
-    """The number of updates `skip_nonfinite` refused, per agent if batched."""
+    """The number of updates `skip_nonfinite` refused since its state was made.
+
+    Args:
+      opt_state: the state of a `skip_nonfinite` optimiser, batched or not.
+
+    Returns:
+      The counts, `[]` or with the batch's leading axes (`[P]` for a
+      population).
+    """
     return opt_state.skipped
 
 

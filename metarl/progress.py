@@ -104,7 +104,19 @@ def console_line(
     seconds_left: float | None,
     record: dict,
 ) -> str:
-    """One progress line: where the run is, how fast it goes, how it learns."""
+    """One progress line: where the run is, how fast it goes, how it learns.
+
+    Args:
+      step: the meta-step just finished.
+      total: the meta-step the run ends at.
+      env_steps: environment steps so far.
+      rate: environment steps per second (None: not measured yet).
+      seconds_left: the estimated time to the end (None: unknown).
+      record: the metrics record of the meta-steps since the last line.
+
+    Returns:
+      The line, without a newline.
+    """
     objective = " ".join(
         f"{k.split('/', 1)[1]}={v:.4g}"
         for k, v in record.items()

@@ -448,7 +448,10 @@ def check_command(argv: list[str]) -> list[str]:
                 "resume=true continues the run in hydra.run.dir; pass "
                 "hydra.run.dir=RUN_DIR too, or resume=RUN_DIR"
             )
-    except (ConfigError, CheckpointError) as error:
+        wandb_mode(config.logger.mode)
+        if config.objective.init_from is not None and config.resume is False:
+            load_objective(config.objective.init_from)
+    except (ConfigError, CheckpointError, ObjectiveFileError) as error:
         fail(str(error))
     return argv
 

@@ -217,3 +217,22 @@ def test_command_maps_stops_and_bad_files_to_exit_status(
         metarl.train.run_command(compose_config(["env=catch"]), tmp_path / "r", [])
     assert exit_info.value.code == code
     assert capsys.readouterr().err.strip() == f"metarl: error: {error}"
+
+
+def test_bad_wandb_mode_and_missing_objective_fail_before_hydra(
+    capsys, monkeypatch, tmp_path
+):
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    assert _error(capsys, [f"hydra.run.dir={tmp_path / 'a'}"]).startswith(
+        "WANDB_MODE must be one of offline, online, disabled, got 'sometimes'"
+    )
+    monkeypatch.delenv("WANDB_MODE")
+    missing = tmp_path / "objective"
+    message = _error(
+        capsys, [f"objective.init_from={missing}", f"hydra.run.dir={tmp_path / 'b'}"]
+    )
+    assert message == (
+        f"no saved objective at {missing}: spec.json is missing; pass the folder "
+        "that training wrote (RUN_DIR/objective)"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -171,8 +171,8 @@ def test_same_seed_and_config_give_identical_metrics(tmp_path, finished_run):
     assert len(first) == 6
     assert _deterministic(first) == _deterministic(second)
     # Not trivially equal: the runs learn something and vary over steps.
-    returns = {r["meta/loss"] for r in first}
-    assert len(returns) > 1
+    losses = {r["meta/loss"] for r in first}
+    assert len(losses) > 1
 
     other = dataclasses.replace(config, seed=1)
     _run(other, tmp_path / "seed1")
@@ -187,10 +187,20 @@ def test_checkpoint_holds_whole_state_with_typed_keys(finished_run):
     assert keys.shape == (config.meta.population_size,)
     assert int(state.step) == 6 and int(state.skipped) == 0
     assert counters.env_steps == 6 * _REAL_TRAINER(config).env_steps_per_meta_step
-    # Parameters, optimiser states and environment states of every agent.
-    assert state.population.inner.params["params"]
-    assert jax.tree.leaves(state.population.inner.opt_state)
-    assert jax.tree.leaves(state.population.inner.env)
+    # Every part of the state: objective, its optimiser, and each agent's
+    # parameters, optimiser state, environments, key and age.
+    template = _REAL_TRAINER(config).init(config.seed)
+    assert jax.tree.structure(state) == jax.tree.structure(template)
+    for got, want in zip(
+        jax.tree.leaves(state), jax.tree.leaves(template), strict=True
+    ):
+        assert got.shape == want.shape and got.dtype == want.dtype
+    moved = jax.tree.map(
+        lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+        metarl.checkpoint.encode_keys(state.population.inner),
+        metarl.checkpoint.encode_keys(template.population.inner),
+    )
+    assert all(jax.tree.leaves(moved.params)) and any(jax.tree.leaves(moved.env))
     assert Checkpointer(full_dir).steps() == [4, 6]
 
 
