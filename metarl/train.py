@@ -18,6 +18,7 @@ meta-updates kept coming out non-finite, 128 + signal number when stopped by
 a signal.
 """
 
+import logging
 import sys
 from pathlib import Path
 
@@ -458,6 +459,9 @@ def check_command(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Entry point of `python -m metarl.train`."""
+    # JAX reports each accelerator backend it did not find (TPU, CUDA) at INFO
+    # level, which Hydra would print and write to train.log on every start.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     sys.argv[1:] = check_command(sys.argv[1:])
     try:
         sys.argv += distributed.start_from_argv(sys.argv[1:])
