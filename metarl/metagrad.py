@@ -113,8 +113,10 @@ class MetaGradConfig:
             )
 
 
-def _inner_step(problem: InnerProblem, meta_params, state: InnerState):
-    """One differentiable inner update: rollout, gradient, optimiser."""
+def _inner_step_with_intermediates(
+    problem: InnerProblem, meta_params, state: InnerState
+):
+    """One inner update, also returning its rollout and inner gradient."""
     key, rollout_key = jax.random.split(state.key)
     data, env, stats = problem.rollout(state.params, state.env, rollout_key)
     data = jax.lax.stop_gradient(data)
@@ -125,7 +127,14 @@ def _inner_step(problem: InnerProblem, meta_params, state: InnerState):
         grads, state.opt_state, state.params, meta_params
     )
     params = optax.apply_updates(state.params, updates)
-    return InnerState(params, opt_state, env, key), (metrics, stats)
+    out = (InnerState(params, opt_state, env, key), (metrics, stats))
+    return out, data, grads
+
+
+def _inner_step(problem: InnerProblem, meta_params, state: InnerState):
+    """One differentiable inner update: rollout, gradient, optimiser."""
+    out, _, _ = _inner_step_with_intermediates(problem, meta_params, state)
+    return out
 
 
 def _zero_cotangent(tree):
@@ -229,17 +238,7 @@ def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
         return _inner_step(problem, meta_params, state)
 
     def step_fwd(meta_params, state):
-        key, rollout_key = jax.random.split(state.key)
-        data, env, stats = problem.rollout(state.params, state.env, rollout_key)
-        data = jax.lax.stop_gradient(data)
-        grads, metrics = jax.grad(problem.loss, has_aux=True)(
-            state.params, meta_params, data
-        )
-        updates, opt_state = problem.update(
-            grads, state.opt_state, state.params, meta_params
-        )
-        params = optax.apply_updates(state.params, updates)
-        out = (InnerState(params, opt_state, env, key), (metrics, stats))
+        out, data, grads = _inner_step_with_intermediates(problem, meta_params, state)
         residuals = (
             meta_params,
             state,
