@@ -1,6 +1,8 @@
-"""Tiny configurations shared by the tests."""
+"""Tiny configurations and file helpers shared by the tests."""
 
 import dataclasses
+import hashlib
+from pathlib import Path
 
 from metarl.config import (
     AgentConfig,
@@ -43,3 +45,25 @@ def tiny_config(
         logger=LoggerConfig(mode="disabled", log_every=1),
         dtype=dtype,
     )
+
+
+# Command-line overrides of a real training run small enough for a subprocess
+# test; tests add the number of meta-steps, logging and output settings.
+TINY_TRAIN_ARGS = [
+    "env=catch",
+    "meta.inner_steps=2",
+    "meta.population_size=2",
+    "meta.lifetime=8",
+    "agent.num_envs=4",
+    "agent.unroll_length=4",
+    "agent.hidden_sizes=[16]",
+]
+
+
+def snapshot_files(folder: Path) -> dict[str, str]:
+    """Every file under `folder` by relative path, with its SHA-256."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }

@@ -8,21 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from helpers import TINY_TRAIN_ARGS
 
 import metarl
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "env=catch",
-    "meta.steps=4",
-    "meta.inner_steps=2",
-    "meta.population_size=2",
-    "meta.lifetime=8",
-    "agent.num_envs=4",
-    "agent.unroll_length=4",
-    "agent.hidden_sizes=[16]",
-    "logger.log_every=2",
-]
+TINY = [*TINY_TRAIN_ARGS, "meta.steps=4", "logger.log_every=2"]
 
 
 def _train(args, cwd):

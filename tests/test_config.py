@@ -1,5 +1,7 @@
 """The YAML configs and the typed config agree, and bad values are refused."""
 
+import dataclasses
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -55,3 +57,13 @@ def test_default_meta_gradient_is_mixflow_through_at_least_16_updates():
     meta = MetaConfig()
     assert meta.grad == "mixflow"
     assert meta.inner_steps >= 16
+
+
+def test_objective_settings_default_to_the_objectives_own_defaults():
+    # ObjectiveConfig repeats each objective's hyperparameters for the command
+    # line; their defaults must not drift apart.
+    from metarl.objectives import OBJECTIVES, objective_from_config
+
+    for name, cls in OBJECTIVES.items():
+        config = dataclasses.replace(TrainConfig().objective, name=name)
+        assert objective_from_config(config) == cls(), name

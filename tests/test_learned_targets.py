@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import TINY_TRAIN_ARGS, tiny_config
 
 import metarl
 from agents import Trajectory
@@ -134,16 +134,10 @@ def test_save_load_round_trip_and_feature_mismatch(tmp_path):
 def test_train_cli_runs_learned_targets_on_catch(tmp_path):
     run_dir = tmp_path / "run"
     args = [
-        "env=catch",
+        *TINY_TRAIN_ARGS,
         "objective=learned_targets",
         "objective.hidden_size=8",
         "meta.steps=2",
-        "meta.inner_steps=2",
-        "meta.population_size=2",
-        "meta.lifetime=8",
-        "agent.num_envs=4",
-        "agent.unroll_length=4",
-        "agent.hidden_sizes=[16]",
         "logger.log_every=1",
         f"hydra.run.dir={run_dir}",
     ]

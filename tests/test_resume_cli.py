@@ -5,7 +5,6 @@ the same for all three) so that only the first one pays for compiling.
 """
 
 import dataclasses
-import hashlib
 import os
 import signal
 import subprocess
@@ -17,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 import yaml
+from helpers import TINY_TRAIN_ARGS, snapshot_files
 
 from metarl.checkpoint import CHECKPOINT_DIR, Checkpointer, encode_keys
 from metarl.config import MetaConfig, TrainConfig, from_dict
@@ -25,14 +25,8 @@ from metarl.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = [
-    "env=catch",
+    *TINY_TRAIN_ARGS,
     "meta.steps=60",
-    "meta.inner_steps=2",
-    "meta.population_size=2",
-    "meta.lifetime=8",
-    "agent.num_envs=4",
-    "agent.unroll_length=4",
-    "agent.hidden_sizes=[16]",
     "logger.log_every=10",
     "logger.mode=disabled",
     "checkpoint.every=5",
@@ -108,14 +102,6 @@ def _kill_while_saving(args, env, cwd, run_dir, step):
         process.stdout.close()
         process.wait(timeout=60)
     return process.returncode, lines
-
-
-def _snapshot(folder: Path) -> dict:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +198,7 @@ def test_incompatible_resume_command_is_refused_and_writes_nothing(
     killed_and_resumed, env
 ):
     run_dir = killed_and_resumed["run_dir"]
-    before = _snapshot(run_dir)
+    before = snapshot_files(run_dir)
     result = _train(
         [f"resume={run_dir}", "meta.steps=400", "agent.num_envs=8"], env, run_dir
     )
@@ -222,7 +208,7 @@ def test_incompatible_resume_command_is_refused_and_writes_nothing(
         "agent.num_envs=4 but this run has agent.num_envs=8; drop that override to "
         "resume, or start a new run in another directory"
     )
-    assert _snapshot(run_dir) == before
+    assert snapshot_files(run_dir) == before
 
 
 def test_unknown_option_is_one_line_without_hydra_traceback(tmp_path, env):

@@ -5,7 +5,6 @@ Runs of the same configuration share one compiled trainer (see
 """
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -16,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_config
+from helpers import snapshot_files, tiny_config
 
 import metarl.trainer
 from metarl import load_objective
@@ -101,14 +100,6 @@ def _deterministic(records):
         {k: v for k, v in r.items() if not k.startswith("perf/") or k.endswith("steps")}
         for r in records
     ]
-
-
-def _snapshot(folder: Path) -> dict:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 @pytest.fixture(scope="module")
@@ -240,10 +231,10 @@ def test_incompatible_resume_is_refused_and_writes_nothing(
     finished_run, change, message
 ):
     config, full_dir = finished_run
-    before = _snapshot(full_dir)
+    before = snapshot_files(full_dir)
     with pytest.raises(CheckpointError, match=message):
         _run(change(dataclasses.replace(config, resume=True)), full_dir)
-    assert _snapshot(full_dir) == before
+    assert snapshot_files(full_dir) == before
 
 
 def test_damaged_checkpoint_is_refused_naming_the_earlier_one(finished_run):
@@ -253,7 +244,7 @@ def test_damaged_checkpoint_is_refused_naming_the_earlier_one(finished_run):
     ]
     for path in data_files:
         path.write_bytes(b"garbage")
-    before = _snapshot(full_dir)
+    before = snapshot_files(full_dir)
     extended = dataclasses.replace(
         config, resume=True, meta=dataclasses.replace(config.meta, steps=8)
     )
@@ -261,7 +252,7 @@ def test_damaged_checkpoint_is_refused_naming_the_earlier_one(finished_run):
         CheckpointError, match="cannot be read.*resume from meta-step 4"
     ):
         _run(extended, full_dir)
-    assert _snapshot(full_dir) == before
+    assert snapshot_files(full_dir) == before
 
 
 def test_damaged_host_record_is_refused(finished_run):
@@ -273,10 +264,10 @@ def test_damaged_host_record_is_refused(finished_run):
 
 def test_new_run_in_a_used_directory_is_refused(finished_run):
     config, full_dir = finished_run
-    before = _snapshot(full_dir)
+    before = snapshot_files(full_dir)
     with pytest.raises(CheckpointError, match="already holds a run; add resume=true"):
         prepare(config_record(config), full_dir, [])
-    assert _snapshot(full_dir) == before
+    assert snapshot_files(full_dir) == before
 
 
 def test_init_from_saved_objective(tmp_path, finished_run, shared_trainers):
