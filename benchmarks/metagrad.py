@@ -198,12 +198,15 @@ def build(reference: str, num_steps: int, population: int):
 def step_function(trainer: Trainer, variant: Variant, num_steps: int):
     """The function to measure: a meta-step, or the inner updates alone."""
     if variant.mode is None:
+        (group,) = trainer.groups
 
         def inner_updates(state):
-            def one_agent(inner):
-                return unroll(trainer.problem, state.meta_params, inner, num_steps)[0]
+            def one_agent(meta, inner):
+                return unroll(group.problem, meta, inner, num_steps)[0]
 
-            return jax.vmap(one_agent)(state.population.inner).params
+            return jax.vmap(one_agent, in_axes=(group.agent_meta_axes(), 0))(
+                group.agent_meta(state.meta_params), state.population[0].inner
+            ).params
 
         return inner_updates
     trainer.grad_config = variant.grad_config(num_steps)

@@ -42,6 +42,34 @@ def check_group_choices(argv: list[str], groups: tuple[str, ...]) -> None:
             fail(f"unknown {key} '{value}'; choose one of: {', '.join(choices)}")
 
 
+def expand_env_list(argv: list[str]) -> list[str]:
+    """`argv` with `env=[a,b]` written as `env=a env.name=[a,b]`.
+
+    Choosing several options of one Hydra config group merges them, which for
+    environments would keep only the last one's name; a list of training
+    environments is a list-valued `env.name` instead, on top of the first
+    environment's config.
+
+    Args:
+      argv: the command-line arguments after the program name.
+
+    Returns:
+      The arguments, with each `env=[...]` replaced by the two overrides.
+    """
+    expanded = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        value = value.strip()
+        if key != "env" or not (value.startswith("[") and value.endswith("]")):
+            expanded.append(arg)
+            continue
+        names = [v.strip().strip("'\"") for v in value[1:-1].split(",") if v.strip()]
+        if not names:
+            fail("env=[] lists no environment; write e.g. env=[breakout,asterix]")
+        expanded += [f"env={names[0]}", f"env.name=[{','.join(names)}]"]
+    return expanded
+
+
 def _first_line(error: Exception) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__

@@ -16,12 +16,25 @@ class ConfigError(ValueError):
     """A configuration a user wrote that cannot run; the message says the fix."""
 
 
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
 @dataclasses.dataclass(frozen=True)
 class EnvConfig:
-    """Which environment the agents learn in."""
+    """Which environments the agents learn in.
 
-    name: str = "breakout"
+    `name` is one environment id or a list of them (`env=[breakout,asterix]`
+    on the command line); the population is then split evenly between them.
+    """
+
+    name: str | tuple[str, ...] = "breakout"
     max_episode_steps: int | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The environment ids, in the order the population is split over."""
+        return _as_tuple(self.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +42,8 @@ class OptimizerConfig:
     """The inner learner's optimiser."""
 
     name: str = "adam"
-    learning_rate: float = 1e-3
+    # One step size, or a list of them spread over each environment's agents.
+    learning_rate: float | tuple[float, ...] = 1e-3
     max_grad_norm: float | None = None
     eps: float = 1e-8
     # Adam divides by sqrt(nu + eps_root): a positive eps_root keeps second
@@ -37,6 +51,11 @@ class OptimizerConfig:
     eps_root: float = 1e-8
     momentum: float = 0.0
     weight_decay: float = 0.0
+
+    @property
+    def learning_rates(self) -> tuple[float, ...]:
+        """The step sizes the population's agents use."""
+        return _as_tuple(self.learning_rate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +106,9 @@ class MetaConfig:
     steps: int = 1200
     inner_steps: int = 16
     population_size: int = 4
-    lifetime: int = 4096
+    # Inner updates per agent lifetime: one value, or a list spread over each
+    # environment's agents.
+    lifetime: int | tuple[int, ...] = 4096
     grad: str = "mixflow"
     checkpoint_every: int = 0
     store_rollout: bool = True
@@ -99,6 +120,11 @@ class MetaConfig:
     # Meta-updates skipped in a row for non-finite meta-gradients before the
     # run stops: a run that keeps producing NaNs has diverged.
     max_consecutive_skips: int = 10
+
+    @property
+    def lifetimes(self) -> tuple[int, ...]:
+        """The lifetimes the population's agents have."""
+        return _as_tuple(self.lifetime)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,17 +218,28 @@ def _choice(value, choices, name):
 
 def _validate(cfg: TrainConfig) -> None:
     agent, meta, opt = cfg.agent, cfg.meta, cfg.agent.optimizer
+    for values, name in [
+        (opt.learning_rates, "agent.optimizer.learning_rate"),
+        (meta.lifetimes, "meta.lifetime"),
+        (cfg.env.names, "env.name"),
+    ]:
+        if not values:
+            raise ConfigError(f"{name} must not be an empty list")
+        if len(set(values)) < len(values):
+            raise ConfigError(f"{name} lists a value twice: {list(values)}")
+    for value in opt.learning_rates:
+        _positive(value, "agent.optimizer.learning_rate")
+    for value in meta.lifetimes:
+        _positive(value, "meta.lifetime")
     for value, name in [
         (agent.num_envs, "agent.num_envs"),
         (agent.unroll_length, "agent.unroll_length"),
         (agent.conv_features, "agent.conv_features"),
-        (opt.learning_rate, "agent.optimizer.learning_rate"),
         (opt.max_grad_norm, "agent.optimizer.max_grad_norm"),
         (opt.eps, "agent.optimizer.eps"),
         (meta.steps, "meta.steps"),
         (meta.inner_steps, "meta.inner_steps"),
         (meta.population_size, "meta.population_size"),
-        (meta.lifetime, "meta.lifetime"),
         (meta.learning_rate, "meta.learning_rate"),
         (meta.max_grad_norm, "meta.max_grad_norm"),
         (meta.max_consecutive_skips, "meta.max_consecutive_skips"),
@@ -221,7 +258,9 @@ def _validate(cfg: TrainConfig) -> None:
     _choice(opt.name, ("adam", "rmsprop", "sgd"), "agent.optimizer.name")
     _choice(meta.grad, GRAD_MODES, "meta.grad")
     _choice(cfg.objective.name, ("parametric", "learned_targets"), "objective.name")
-    _choice(cfg.env.name, sorted(ENV_IDS), "env.name")
+    for name in cfg.env.names:
+        _choice(name, sorted(ENV_IDS), "env.name")
+    _check_population(cfg)
     if cfg.logger.mode is not None:
         _choice(cfg.logger.mode, LOGGER_MODES, "logger.mode")
     _choice(cfg.dtype, ("float32", "float64"), "dtype")
@@ -262,6 +301,54 @@ def _validate(cfg: TrainConfig) -> None:
         _positive(value, name)
 
 
+def population_plan(cfg: TrainConfig) -> list[tuple[str, list[float], list[int]]]:
+    """How the population is split: per environment, each agent's settings.
+
+    The agents are split evenly between the environments, in the order
+    `env.name` lists them. Within an environment, agent `j` gets learning
+    rate `j mod R` and lifetime `(j div R) mod L` of the `R` learning rates
+    and `L` lifetimes, so every pairing is present.
+
+    Returns:
+      `[(env_name, learning_rates, lifetimes)]`, one list entry per agent.
+    """
+    names = cfg.env.names
+    rates, lifetimes = cfg.agent.optimizer.learning_rates, cfg.meta.lifetimes
+    size = cfg.meta.population_size // len(names)
+    plan = []
+    for name in names:
+        agents = range(size)
+        plan.append(
+            (
+                name,
+                [rates[j % len(rates)] for j in agents],
+                [lifetimes[(j // len(rates)) % len(lifetimes)] for j in agents],
+            )
+        )
+    return plan
+
+
+def _check_population(cfg: TrainConfig) -> None:
+    """Every environment gets as many agents, and every rate-lifetime pairing."""
+    names = cfg.env.names
+    rates, lifetimes = cfg.agent.optimizer.learning_rates, cfg.meta.lifetimes
+    size, combos = cfg.meta.population_size, len(rates) * len(lifetimes)
+    needed = len(names) * combos
+    suggestion = -(-max(size, needed) // needed) * needed
+    if size % len(names):
+        raise ConfigError(
+            f"meta.population_size={size} does not split evenly between the "
+            f"{len(names)} environments; use e.g. meta.population_size={suggestion}"
+        )
+    if size < needed:
+        per = f" per environment x {len(names)} environments" if len(names) > 1 else ""
+        raise ConfigError(
+            f"meta.population_size={size} is too small for one agent per learning "
+            f"rate and lifetime ({len(rates)} x {len(lifetimes)}{per}); use e.g. "
+            f"meta.population_size={suggestion}"
+        )
+
+
 _TYPE_NAMES = {
     bool: "true or false",
     int: "an integer",
@@ -299,6 +386,13 @@ def _convert(value: Any, annotation: Any, name: str, default: Any = None) -> Any
         inner = [a for a in options if a is not type(None)]
         if len(inner) == 1:
             return _convert(value, inner[0], name, default)
+        # A setting that takes one value or a list of them.
+        lists = [a for a in inner if typing.get_origin(a) is tuple]
+        if lists and len(inner) == 2:
+            (scalar,) = [a for a in inner if a not in lists]
+            if isinstance(value, (list, tuple)):
+                return _convert(value, lists[0], name, default)
+            return _convert(value, scalar, name, default)
         for option in inner:
             if isinstance(value, option) and not (
                 option is int and isinstance(value, bool)

@@ -27,11 +27,20 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from metarl.cli import check_group_choices, config_dir, fail
-from metarl.config import AgentConfig, ConfigError, EnvConfig, TrainConfig, from_dict
+from metarl.config import (
+    AgentConfig,
+    ConfigError,
+    EnvConfig,
+    MetaConfig,
+    ObjectiveConfig,
+    TrainConfig,
+    from_dict,
+)
 from metarl.export import ObjectiveFileError, load_objective
 from metarl.logger import RunLogger
 from metarl.metagrad import MetaGradConfig, unroll
 from metarl.objectives import ParametricObjective
+from metarl.trainer import AgentMeta, Trainer, inner_problem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +66,16 @@ class EvaluateConfig:
             raise ConfigError(
                 f"final_fraction must lie in (0, 1], got {self.final_fraction}"
             )
+        if len(self.env.names) != 1:
+            raise ConfigError(
+                f"evaluate trains on one environment, got env.name="
+                f"{list(self.env.names)}; run it once per environment"
+            )
+        if len(self.agent.optimizer.learning_rates) != 1:
+            raise ConfigError(
+                "evaluate trains with one learning rate, got "
+                f"agent.optimizer.learning_rate={list(self.agent.optimizer.learning_rates)}"
+            )
         if not self.objective_path:
             raise ConfigError(
                 "objective=PATH is required: the objective folder a training run "
@@ -64,12 +83,15 @@ class EvaluateConfig:
             )
 
 
-def train_curves(trainer, meta_params, seeds: int, updates: int, report_every: int):
+def train_curves(
+    group, problem, meta_params, seeds: int, updates: int, report_every: int
+):
     """Trains `seeds` fresh agents with a frozen objective; returns their curves.
 
     Args:
-      trainer: a `Trainer` whose environment, network, optimiser and objective
-        class are used; its meta-gradient machinery is not.
+      group: the trainer's `AgentGroup`, whose agents' initialisation and
+        learning rate are used; its meta-gradient machinery is not.
+      problem: the inner learner, with the objective to train with.
       meta_params: the objective's frozen parameters.
       seeds: how many independent agents.
       updates: inner updates per agent.
@@ -80,14 +102,18 @@ def train_curves(trainer, meta_params, seeds: int, updates: int, report_every: i
       seeds]`: returns of the episodes that finished in each span.
     """
     keys = jax.random.split(jax.random.key(12345), seeds)
-    agents = jax.vmap(trainer.init_agent)(keys)
+    agents = jax.vmap(group.init_agent)(keys)
     no_meta_gradient = MetaGradConfig(mode="autodiff")
+    meta = AgentMeta(
+        objective=meta_params,
+        learning_rate=jnp.asarray(group.learning_rates[0], group.dtype),
+    )
 
     @jax.jit
     def run_span(agents):
         def one(agent):
             agent, (_, stats) = unroll(
-                trainer.problem, meta_params, agent, report_every, no_meta_gradient
+                problem, meta, agent, report_every, no_meta_gradient
             )
             return agent, stats.return_sum.sum(), stats.episodes.sum()
 
@@ -160,22 +186,42 @@ def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
     Raises:
       ObjectiveFileError: if the objective folder cannot be read.
     """
-    from metarl.trainer import Trainer
-
     loaded = load_objective(config.objective_path)
-    train_config = TrainConfig(env=config.env, agent=config.agent, dtype=config.dtype)
-    trainer = Trainer(train_config)
-    trainer.objective = loaded.objective
-    baseline = ParametricObjective()
-    dtype = trainer.dtype
-    objectives = {
-        "learned": jax.tree.map(lambda x: jnp.asarray(x, dtype), loaded.meta_params),
-        "a2c": baseline.init(dtype),
+    # The network is built for the loaded objective (learned targets need a
+    # prediction head, which the baseline's loss leaves unused).
+    spec = {
+        k: v
+        for k, v in loaded.objective.spec().items()
+        if k in {f.name for f in dataclasses.fields(ObjectiveConfig)}
     }
-    if not isinstance(loaded.objective, ParametricObjective):
-        raise ObjectiveFileError(
-            f"evaluate compares parametric objectives only, got {loaded.objective.name}"
-        )
+    train_config = TrainConfig(
+        env=config.env,
+        agent=config.agent,
+        objective=ObjectiveConfig(name=loaded.objective.name, **spec),
+        meta=MetaConfig(population_size=1),
+        dtype=config.dtype,
+    )
+    trainer = Trainer(train_config, devices=jax.devices()[:1])
+    (group,) = trainer.groups
+    dtype = trainer.dtype
+    baseline = ParametricObjective()
+    learned_problem = inner_problem(
+        loaded.objective,
+        group.network,
+        group.env,
+        group.optimizer,
+        config.agent.unroll_length,
+    )
+    baseline_problem = inner_problem(
+        baseline, group.network, group.env, group.optimizer, config.agent.unroll_length
+    )
+    objectives = {
+        "learned": (
+            learned_problem,
+            jax.tree.map(lambda x: jnp.asarray(x, dtype), loaded.meta_params),
+        ),
+        "a2c": (baseline_problem, baseline.init(dtype)),
+    }
     steps_per_update = config.agent.num_envs * config.agent.unroll_length
     logger = RunLogger(
         run_dir,
@@ -184,17 +230,23 @@ def evaluate(config: EvaluateConfig, run_dir: Path) -> dict:
         project=config.project,
     )
     print(
-        f"metarl: evaluating {config.objective_path} on {config.env.name}: "
+        f"metarl: evaluating {config.objective_path} ({loaded.objective.name}) on "
+        f"{config.env.names[0]}: "
         f"{config.seeds} seeds x {config.updates} updates "
         f"({config.updates * steps_per_update} env steps each), learned objective "
         "and A2C baseline",
         flush=True,
     )
     curves, summary = {}, {}
-    for name, meta_params in objectives.items():
+    for name, (problem, meta_params) in objectives.items():
         start = time.perf_counter()
         sums, counts = train_curves(
-            trainer, meta_params, config.seeds, config.updates, config.report_every
+            group,
+            problem,
+            meta_params,
+            config.seeds,
+            config.updates,
+            config.report_every,
         )
         curves[name] = (sums, counts)
         mean, stderr = _mean_stderr(final_returns(sums, counts, config.final_fraction))

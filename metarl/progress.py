@@ -96,6 +96,14 @@ class Progress:
         return rate, seconds_left
 
 
+def env_of(key: str, field: str) -> str | None:
+    """The environment of a metric `episode/<env>/<field>`, else None."""
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "episode" and parts[2] == field:
+        return parts[1]
+    return None
+
+
 def console_line(
     step: int,
     total: int,
@@ -122,8 +130,23 @@ def console_line(
         for k, v in record.items()
         if k.startswith("objective/") and v is not None
     )
-    ret = record.get("episode/return")
-    ret_text = f"{ret:7.2f}" if ret is not None and math.isfinite(ret) else "    n/a"
+
+    def number(value) -> str:
+        if value is None or not math.isfinite(value):
+            return "    n/a"
+        return f"{value:7.2f}"
+
+    # A population over several games shows each game's return: their scales
+    # differ, so one mean over all episodes would say little.
+    per_env = {
+        env_of(key, "return"): value
+        for key, value in record.items()
+        if env_of(key, "return")
+    }
+    if per_env:
+        ret_text = " ".join(f"{env} {number(v).strip()}" for env, v in per_env.items())
+    else:
+        ret_text = number(record.get("episode/return"))
     rate_text = format_count(rate) if rate is not None else "?"
     skipped = int(record.get("meta/skipped", 0)) + int(
         record.get("agent/skipped_updates", 0)

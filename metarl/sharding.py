@@ -22,26 +22,33 @@ from metarl.config import ConfigError
 AXIS = "agents"
 
 
-def check_population_size(population_size: int, num_devices: int) -> None:
+def check_population_size(
+    population_size: int, num_devices: int, groups: int = 1
+) -> None:
     """Checks that the population splits evenly over the devices.
 
     Args:
       population_size: the number of agents, `meta.population_size`.
       num_devices: the number of devices over all processes.
+      groups: the environments the population is split between first; each
+        one's agents are split over the devices.
 
     Raises:
-      ConfigError: if `num_devices` does not divide `population_size`; the
-        message names the nearest sizes that work.
+      ConfigError: if `groups * num_devices` does not divide
+        `population_size`; the message names the nearest sizes that work.
     """
-    if population_size % num_devices == 0:
+    unit = groups * num_devices
+    if population_size % unit == 0:
         return
-    below = population_size // num_devices * num_devices
-    above = below + num_devices
+    below = population_size // unit * unit
+    above = below + unit
     sizes = " or ".join(str(n) for n in (below, above) if n > 0)
+    over = f"{num_devices} devices"
+    if groups > 1:
+        over = f"{groups} environments x {num_devices} devices"
     raise ConfigError(
         f"meta.population_size={population_size} does not split evenly over "
-        f"{num_devices} devices; use a multiple of {num_devices}, e.g. "
-        f"meta.population_size={sizes}"
+        f"{over}; use a multiple of {unit}, e.g. meta.population_size={sizes}"
     )
 
 
@@ -82,7 +89,8 @@ class PopulationLayout:
 
         Args:
           state: a NamedTuple (or its `jax.eval_shape`) with a `population`
-            field whose leaves have the population as leading axis.
+            field whose leaves have agents as leading axis (one tree, or a
+            tuple of trees for agents in several environments).
 
         Returns:
           A tree like `state` of `NamedSharding`s: the leaves of
@@ -96,13 +104,17 @@ class PopulationLayout:
 
 
 def make_layout(
-    population_size: int, devices: Sequence[jax.Device] | None = None
+    population_size: int,
+    devices: Sequence[jax.Device] | None = None,
+    groups: int = 1,
 ) -> PopulationLayout:
     """The layout of `population_size` agents over `devices`.
 
     Args:
       population_size: the number of agents.
       devices: the devices to use; all of them, over all processes, if None.
+      groups: the environments the agents are split between; each one's
+        agents are split over the devices.
 
     Returns:
       A `PopulationLayout` whose mesh spans `devices`.
@@ -111,7 +123,7 @@ def make_layout(
       ConfigError: if the population does not split evenly over the devices.
     """
     devices = list(jax.devices() if devices is None else devices)
-    check_population_size(population_size, len(devices))
+    check_population_size(population_size, len(devices), groups)
     # Auto axes let XLA propagate the population's sharding through the
     # unchanged agent and environment code; explicit axes would need a
     # sharding rule for every operation the environments use.
@@ -124,10 +136,11 @@ def make_layout(
 def agent_keys(seed: int | jax.Array, population_size: int) -> jax.Array:
     """One random key per agent, from the run seed and the agent's place.
 
-    Agent `i` sits on device `i // agents_per_device` of the mesh, in slot
-    `i % agents_per_device`, and gets `fold_in(key(seed), i)`: every agent on
-    every device has its own key, and a seed gives the same population on any
-    number of devices, so a sharded run can be checked against one device.
+    Agent `i` of the population (counted over its environments in order, and
+    within one environment over the devices in mesh order) gets
+    `fold_in(key(seed), i)`: every agent on every device has its own key, and
+    a seed gives the same population on any number of devices, so a sharded
+    run can be checked against one device.
 
     Args:
       seed: the run seed.

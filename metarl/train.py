@@ -4,6 +4,9 @@ Examples:
 
   python -m metarl.train env=breakout
   python -m metarl.train env=asterix meta.inner_steps=64 agent.num_envs=128
+  python -m metarl.train objective=learned_targets env=[breakout,asterix] \
+      agent.optimizer.learning_rate=[1e-3,3e-4] meta.lifetime=[2048,4096] \
+      meta.population_size=8
   python -m metarl.train resume=outputs/2026-01-01/12-00-00 meta.steps=3000
 
 Writes to the Hydra run directory: `config.yaml` (resolved), `metrics.jsonl`,
@@ -35,13 +38,20 @@ from metarl.checkpoint import (
     find_run,
     resumed_settings,
 )
-from metarl.cli import check_overrides, compose_config, config_dir, fail, override_keys
+from metarl.cli import (
+    check_overrides,
+    compose_config,
+    config_dir,
+    expand_env_list,
+    fail,
+    override_keys,
+)
 from metarl.config import ConfigError, TrainConfig, from_dict
 from metarl.export import ObjectiveFileError, load_objective, save_objective
 from metarl.guard import RunStopped, SkipStreak
 from metarl.interrupt import StopSignals
 from metarl.logger import NullLogger, RunLogger, rewind_metrics, wandb_mode
-from metarl.progress import Progress, console_line
+from metarl.progress import Progress, console_line, env_of
 
 CONFIG_GROUPS = (
     "env",
@@ -57,27 +67,48 @@ CONFIG_GROUPS = (
 DIVERGED_EXIT_CODE = 3
 
 
-def _summarise(window: list[dict], objective_values: dict[str, float]) -> dict:
-    """One record for a batch of meta-steps: means, and returns over episodes."""
-    totals = {k: float(np.sum([m[k] for m in window])) for k in window[0]}
-    count = totals["episode/count"]
-    record = {
-        "episode/return": totals["episode/return_sum"] / count
-        if count
-        else float("nan"),
-        "episode/length": totals["episode/length_sum"] / count
-        if count
-        else float("nan"),
-        "episode/count": count,
-        "meta/skipped": totals["meta/skipped"],
-        "agent/resets": totals["agent/resets"],
-        "agent/skipped_updates": totals["agent/skipped_updates"],
+def _episode_means(totals: dict, prefix: str) -> dict:
+    """Mean return and length of the episodes tallied under `prefix`."""
+    count = totals[f"{prefix}/count"]
+    nan = float("nan")
+    return {
+        f"{prefix}/return": totals[f"{prefix}/return_sum"] / count if count else nan,
+        f"{prefix}/length": totals[f"{prefix}/length_sum"] / count if count else nan,
+        f"{prefix}/count": count,
     }
+
+
+def _summarise(window: list[dict], objective_values: dict[str, float]) -> dict:
+    """One record for a batch of meta-steps: means, and returns over episodes.
+
+    Each environment of a population of several gets its own
+    `episode/<env>/return`, since returns of different games do not compare.
+    """
+    totals = {k: float(np.sum([m[k] for m in window])) for k in window[0]}
+    record = _episode_means(totals, "episode")
+    for key in totals:
+        if env_of(key, "count"):
+            record.update(_episode_means(totals, f"episode/{env_of(key, 'count')}"))
+    for key in ("meta/skipped", "agent/resets", "agent/skipped_updates"):
+        record[key] = totals[key]
     for key in window[0]:
         if key.startswith(("meta/loss", "meta/grad_norm", "loss/")):
             record[key] = totals[key] / len(window)
     record.update({f"objective/{k}": v for k, v in objective_values.items()})
     return record
+
+
+def describe_population(trainer) -> str:
+    """Who is in the population: per environment, agents, rates and lifetimes."""
+
+    def values(items) -> str:
+        return ", ".join(f"{v:g}" for v in dict.fromkeys(items))
+
+    return "; ".join(
+        f"{g.env_name} {g.size} agents (learning rates {values(g.learning_rates)}; "
+        f"lifetimes {values(g.lifetimes)})"
+        for g in trainer.groups
+    )
 
 
 def _initial_state(trainer, checkpointer: Checkpointer, config: TrainConfig, run_dir):
@@ -222,7 +253,7 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
     counters.wandb_id = logger.run_id or counters.wandb_id
     resumed = f" | resuming from meta-step {start_step}" if start_step else ""
     print(
-        f"metarl: {config.env.name} | population {meta.population_size} x "
+        f"metarl: {','.join(config.env.names)} | population {meta.population_size} x "
         f"{config.agent.num_envs} envs | K={meta.inner_steps} inner updates of "
         f"{config.agent.unroll_length} steps | meta.grad={meta.grad} | "
         f"{meta.steps} meta-steps | run dir {run_dir}{resumed}",
@@ -235,6 +266,11 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
         f"{jax.process_count()} process(es)",
         flush=True,
     )
+    if len(trainer.groups) > 1 or any(
+        len(set(g.learning_rates)) > 1 or len(set(g.lifetimes)) > 1
+        for g in trainer.groups
+    ):
+        print(f"metarl: population: {describe_population(trainer)}", flush=True)
     print("metarl: compiling the meta-step ...", flush=True)
     progress = Progress(meta.steps, start_step, trainer.env_steps_per_meta_step)
     streak = SkipStreak(meta.max_consecutive_skips, counters.skip_streak)
@@ -252,7 +288,7 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
             objective_dir,
             trainer.objective,
             jax.device_get(state.meta_params),
-            train_envs=[config.env.name],
+            train_envs=list(config.env.names),
             meta_step=step,
         )
         logger.log_objective(objective_dir, step)
@@ -426,6 +462,7 @@ def check_command(argv: list[str]) -> list[str]:
     Returns:
       The arguments Hydra should run with.
     """
+    argv = expand_env_list(argv)
     check_overrides(argv, CONFIG_GROUPS, TrainConfig)
     argv = _resume_argv(argv)
     try:

@@ -86,7 +86,8 @@ def _first_actions_by_device(trainer: Trainer, inner) -> list[list]:
     def first_actions(agent):
         # The first inner step acts with the second half of the agent's key.
         _, rollout_key = jax.random.split(agent.key)
-        trajectory, _, _ = trainer._rollout(agent.params, agent.env, rollout_key)
+        rollout = trainer.groups[0].problem.rollout
+        trajectory, _, _ = rollout(agent.params, agent.env, rollout_key)
         return trajectory.actions  # [T, B]
 
     actions = jax.jit(jax.vmap(first_actions), out_shardings=trainer.layout.sharded)(
@@ -126,9 +127,9 @@ def main() -> None:
     )
 
     # First actions per device, and a control population of identical agents.
-    report["actions"] = _first_actions_by_device(sharded, state.population.inner)
+    report["actions"] = _first_actions_by_device(sharded, state.population[0].inner)
     clones = jax.tree.map(
-        lambda x: jnp.broadcast_to(x[:1], x.shape), state.population.inner
+        lambda x: jnp.broadcast_to(x[:1], x.shape), state.population[0].inner
     )
     report["clone_actions"] = _first_actions_by_device(sharded, clones)
     report["actions_differ"] = _all_differ(report["actions"])
@@ -155,8 +156,8 @@ def main() -> None:
         for key in ("meta/loss", "meta/grad_norm")
     }
     report["population_errors"] = _relative_errors(
-        _to_host(state.population.inner.params),
-        _to_host(reference.population.inner.params),
+        _to_host(state.population[0].inner.params),
+        _to_host(reference.population[0].inner.params),
     )
 
     # A population that does not divide over the devices.

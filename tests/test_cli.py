@@ -84,3 +84,34 @@ def test_invalid_value_is_one_line_error(tmp_path):
     assert result.stderr.strip().splitlines()[-1] == (
         "metarl: error: meta.population_size must be positive, got 0; set it above 0"
     )
+
+
+def test_list_of_training_envs_trains_one_population_over_both(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [
+        *(arg for arg in TINY if not arg.startswith("env=")),
+        "env=[catch,cartpole]",
+        "meta.population_size=4",
+        "agent.optimizer.learning_rate=[0.01,0.003]",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = _train(args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (
+        "metarl: population: catch 2 agents (learning rates 0.01, 0.003; lifetimes "
+        "8); cartpole 2 agents (learning rates 0.01, 0.003; lifetimes 8)"
+    ) in result.stdout
+    lines = [x for x in result.stdout.splitlines() if x.startswith("meta-step")]
+    # Each game's return, since their scales differ.
+    returns = [x.split(" | return ")[1].split(" | ")[0].split() for x in lines]
+    assert returns and all(sorted(r[::2]) == ["cartpole", "catch"] for r in returns)
+
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["env"]["name"] == ["catch", "cartpole"]
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for env in ("catch", "cartpole"):
+        assert f"episode/{env}/return" in record
+    total = record["episode/catch/count"] + record["episode/cartpole/count"]
+    assert total == record["episode/count"]
+    loaded = metarl.load_objective(run_dir / "objective")
+    assert loaded.spec["train_envs"] == ["catch", "cartpole"]

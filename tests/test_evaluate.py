@@ -6,7 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from metarl import ObjectiveFileError, ParametricObjective, save_objective
+from metarl import (
+    LearnedTargetsObjective,
+    ObjectiveFileError,
+    ParametricObjective,
+    save_objective,
+)
 from metarl.config import AgentConfig, ConfigError, EnvConfig, OptimizerConfig
 from metarl.evaluate import EvaluateConfig, evaluate, final_returns
 
@@ -50,6 +55,59 @@ def test_evaluate_writes_curves_and_summary(tmp_path):
     # Header, then 2 objectives x 4 spans x 2 seeds.
     assert len(rows) == 1 + 2 * 4 * 2
     assert (run_dir / "curves.png").stat().st_size > 0
+
+
+def test_evaluate_trains_with_learned_targets_and_the_baseline(tmp_path):
+    objective = LearnedTargetsObjective(prediction_size=4, embed_size=4, hidden_size=8)
+    save_objective(
+        tmp_path / "obj",
+        objective,
+        objective.init(),
+        train_envs=["catch", "cartpole"],
+        meta_step=1,
+    )
+    config = EvaluateConfig(
+        objective_path=str(tmp_path / "obj"),
+        env=EnvConfig(name="catch"),
+        agent=AgentConfig(
+            num_envs=4,
+            unroll_length=8,
+            hidden_sizes=(8,),
+            optimizer=OptimizerConfig(learning_rate=0.05),
+        ),
+        seeds=2,
+        updates=20,
+        report_every=5,
+        logger_mode="disabled",
+    )
+    run_dir = tmp_path / "eval"
+    run_dir.mkdir()
+    summary = evaluate(config, run_dir)
+    assert set(summary) == {"learned", "a2c"}
+    for result in summary.values():
+        assert np.isfinite(result["final_return_mean"])
+    # Both start from the same agents and keys: the curves part only because
+    # the two objectives update them differently.
+    rows = [r.split(",") for r in (run_dir / "curves.csv").read_text().split()[1:]]
+    curves = {name: [r[3] for r in rows if r[0] == name] for name in ("learned", "a2c")}
+    assert len(curves["learned"]) == len(curves["a2c"]) == 4 * 2
+    assert curves["learned"] != curves["a2c"]
+
+
+@pytest.mark.parametrize(
+    "env, learning_rate, message",
+    [
+        (("catch", "cartpole"), 1e-3, "evaluate trains on one environment"),
+        ("catch", (1e-3, 3e-4), "evaluate trains with one learning rate"),
+    ],
+)
+def test_evaluate_takes_one_env_and_learning_rate(env, learning_rate, message):
+    with pytest.raises(ConfigError, match=message):
+        EvaluateConfig(
+            objective_path="obj",
+            env=EnvConfig(name=env),
+            agent=AgentConfig(optimizer=OptimizerConfig(learning_rate=learning_rate)),
+        )
 
 
 def test_evaluate_needs_an_objective_path():

@@ -72,11 +72,10 @@ def test_targets_depend_only_on_the_rest_of_the_episode():
 def test_loss_refuses_trajectories_without_predictions():
     trainer = Trainer(dataclasses.replace(tiny_config(), objective=SMALL))
     trajectory = _trajectory()._replace(predictions=None)
-    params = trainer.network.init(jax.random.key(0), jnp.float64)
+    network = trainer.groups[0].network
+    params = network.init(jax.random.key(0), jnp.float64)
     with pytest.raises(ValueError, match="needs trajectory fields"):
-        trainer.objective.loss(
-            trainer.network, params, trainer.objective.init(), trajectory
-        )
+        trainer.objective.loss(network, params, trainer.objective.init(), trajectory)
 
 
 def test_mixflow_matches_autodiff_with_learned_targets():
@@ -100,13 +99,13 @@ def test_mixflow_matches_autodiff_with_learned_targets():
 
 
 def test_parametric_network_has_no_prediction_head():
-    parametric = Trainer(tiny_config())
-    learned = Trainer(dataclasses.replace(tiny_config(), objective=SMALL))
-    assert parametric.network.prediction_size == 0
-    assert learned.network.prediction_size == SMALL.prediction_size
-    params = parametric.network.init(jax.random.key(0))
-    assert len(jax.tree.leaves(params)) == 6
-    assert len(jax.tree.leaves(learned.network.init(jax.random.key(0)))) == 8
+    parametric = Trainer(tiny_config()).groups[0].network
+    learned = Trainer(dataclasses.replace(tiny_config(), objective=SMALL)).groups[0]
+    learned = learned.network
+    assert parametric.prediction_size == 0
+    assert learned.prediction_size == SMALL.prediction_size
+    assert len(jax.tree.leaves(parametric.init(jax.random.key(0)))) == 6
+    assert len(jax.tree.leaves(learned.init(jax.random.key(0)))) == 8
 
 
 def test_save_load_round_trip_and_feature_mismatch(tmp_path):

@@ -24,7 +24,7 @@ from metarl.metagrad import (
     from_optax,
     unroll,
 )
-from metarl.trainer import Trainer
+from metarl.trainer import AgentMeta, Trainer
 
 RTOL = 1e-10
 
@@ -495,7 +495,7 @@ def _tiny_trainer(env_name, optimizer_name):
     )
     trainer = Trainer(config)
     state = trainer.init(0)
-    inner = jax.tree.map(lambda x: x[0], state.population.inner)
+    inner = jax.tree.map(lambda x: x[0], state.population[0].inner)
     return trainer, state.meta_params, inner
 
 
@@ -507,7 +507,9 @@ def _agent_optimizer(name):
 
 def _trainer_meta_gradient(trainer, meta_params, inner, config):
     trainer.grad_config = config
-    loss = lambda m: trainer._agent_meta_loss(m, inner)[0]  # noqa: E731
+    (group,) = trainer.groups
+    rate = jnp.asarray(group.learning_rates[0])
+    loss = lambda m: trainer.agent_meta_loss(group, AgentMeta(m, rate), inner)[0]  # noqa: E731
     return jax.jit(jax.grad(loss))(meta_params)
 
 

@@ -173,7 +173,7 @@ def test_same_seed_and_config_give_identical_metrics(tmp_path, finished_run):
 def test_checkpoint_holds_whole_state_with_typed_keys(finished_run):
     config, full_dir = finished_run
     state, counters = _final_state(full_dir, config)
-    keys = state.population.inner.key
+    keys = state.population[0].inner.key
     assert jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
     assert keys.shape == (config.meta.population_size,)
     assert int(state.step) == 6 and int(state.skipped) == 0
@@ -188,8 +188,8 @@ def test_checkpoint_holds_whole_state_with_typed_keys(finished_run):
         assert got.shape == want.shape and got.dtype == want.dtype
     moved = jax.tree.map(
         lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
-        metarl.checkpoint.encode_keys(state.population.inner),
-        metarl.checkpoint.encode_keys(template.population.inner),
+        metarl.checkpoint.encode_keys(state.population[0].inner),
+        metarl.checkpoint.encode_keys(template.population[0].inner),
     )
     assert all(jax.tree.leaves(moved.params)) and any(jax.tree.leaves(moved.env))
     assert Checkpointer(full_dir).steps() == [4, 6]
@@ -311,14 +311,21 @@ class PoisonedTrainer(_REAL_TRAINER):
     POISON_FROM = 3
 
     def _meta_step(self, state):
-        # Read by `_rollout` while this meta-step is traced.
+        # Read by the poisoned rollout while this meta-step is traced.
         self._poisoned = state.step >= self.POISON_FROM
         return super()._meta_step(state)
 
-    def _rollout(self, params, env_carry, key):
-        trajectory, env_carry, stats = super()._rollout(params, env_carry, key)
-        rewards = jnp.where(self._poisoned, jnp.nan, trajectory.rewards)
-        return trajectory._replace(rewards=rewards), env_carry, stats
+    def _make_group(self, *args, **kwargs):
+        group = super()._make_group(*args, **kwargs)
+        clean_rollout = group.problem.rollout
+
+        def rollout(params, env_carry, key):
+            trajectory, env_carry, stats = clean_rollout(params, env_carry, key)
+            rewards = jnp.where(self._poisoned, jnp.nan, trajectory.rewards)
+            return trajectory._replace(rewards=rewards), env_carry, stats
+
+        problem = dataclasses.replace(group.problem, rollout=rollout)
+        return dataclasses.replace(group, problem=problem)
 
 
 @pytest.fixture(scope="module")
@@ -340,14 +347,16 @@ def test_poisoned_meta_step_changes_nothing_and_counts(poisoned_trainer):
     assert int(after.skipped) == 1
     _assert_bitwise_equal(before.meta_params, after.meta_params)
     _assert_bitwise_equal(before.meta_opt_state, after.meta_opt_state)
-    _assert_bitwise_equal(before.population.inner.params, after.population.inner.params)
     _assert_bitwise_equal(
-        before.population.inner.opt_state.inner_state,
-        after.population.inner.opt_state.inner_state,
+        before.population[0].inner.params, after.population[0].inner.params
+    )
+    _assert_bitwise_equal(
+        before.population[0].inner.opt_state.inner_state,
+        after.population[0].inner.opt_state.inner_state,
     )
     np.testing.assert_array_equal(
-        after.population.inner.opt_state.skipped,
-        before.population.inner.opt_state.skipped + config.meta.inner_steps,
+        after.population[0].inner.opt_state.skipped,
+        before.population[0].inner.opt_state.skipped + config.meta.inner_steps,
     )
 
 

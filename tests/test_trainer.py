@@ -9,7 +9,7 @@ from helpers import tiny_config
 
 from metarl.meta_loss import policy_gradient_meta_loss
 from metarl.metagrad import InnerProblem, InnerState, MetaGradConfig, unroll
-from metarl.trainer import Trainer
+from metarl.trainer import AgentMeta, Trainer
 
 
 def _max_relative_error(a, b):
@@ -59,27 +59,29 @@ def test_meta_gradient_matches_finite_differences_with_fixed_trajectories():
     trainer = Trainer(tiny_config(inner_steps=num_steps))
     state = trainer.init(seed=2)
     meta_params = state.meta_params
-    first = jax.tree.map(lambda x: x[0], state.population.inner)
+    (group,) = trainer.groups
+    first = jax.tree.map(lambda x: x[0], state.population[0].inner)
+
+    def agent_meta(meta_params):
+        return AgentMeta(meta_params, jnp.asarray(group.learning_rates[0]))
 
     # Record what the unroll and the meta-loss see at these meta-parameters.
     recorded = []
 
     def recording_rollout(params, env, key):
-        data, env, stats = trainer.problem.rollout(params, env, key)
+        data, env, stats = group.problem.rollout(params, env, key)
         recorded.append(data)
         return data, env, stats
 
-    recorder = InnerProblem(
-        recording_rollout, trainer.problem.loss, trainer.problem.update
-    )
+    recorder = InnerProblem(recording_rollout, group.problem.loss, group.problem.update)
     inner = first
     with jax.disable_jit():
         for _ in range(num_steps):
             inner, _ = unroll(
-                recorder, meta_params, inner, 1, MetaGradConfig("autodiff")
+                recorder, agent_meta(meta_params), inner, 1, MetaGradConfig("autodiff")
             )
     _, rollout_key = jax.random.split(inner.key)
-    meta_data, _, _ = trainer.problem.rollout(inner.params, inner.env, rollout_key)
+    meta_data, _, _ = group.problem.rollout(inner.params, inner.env, rollout_key)
     trajectories = jax.tree.map(lambda *xs: jnp.stack(xs), *recorded)
 
     # A problem that replays them, indexed by a step counter in place of envs.
@@ -88,13 +90,15 @@ def test_meta_gradient_matches_finite_differences_with_fixed_trajectories():
         data = jax.tree.map(lambda x: x[step], trajectories)
         return data, step + 1, ()
 
-    replayer = InnerProblem(replay, trainer.problem.loss, trainer.problem.update)
+    replayer = InnerProblem(replay, group.problem.loss, group.problem.update)
     start = InnerState(first.params, first.opt_state, jnp.int32(0), first.key)
 
     def replayed_meta_loss(meta_params, mode="mixflow"):
-        final, _ = unroll(replayer, meta_params, start, num_steps, MetaGradConfig(mode))
+        final, _ = unroll(
+            replayer, agent_meta(meta_params), start, num_steps, MetaGradConfig(mode)
+        )
         return policy_gradient_meta_loss(
-            trainer.network,
+            group.network,
             final.params,
             meta_data,
             trainer.config.meta.discount,
@@ -105,7 +109,7 @@ def test_meta_gradient_matches_finite_differences_with_fixed_trajectories():
 
     # The replayed meta-gradient is the trainer's own for this agent.
     def agent_meta_loss(meta_params):
-        return trainer._agent_meta_loss(meta_params, first)[0]
+        return trainer.agent_meta_loss(group, agent_meta(meta_params), first)[0]
 
     agent_grads = jax.grad(agent_meta_loss)(meta_params)
     assert _max_relative_error(replay_grads, agent_grads) < 1e-10
@@ -126,7 +130,7 @@ def test_meta_step_updates_objective_and_counts_resets():
     trainer = Trainer(config)
     state = trainer.init(seed=0)
     before = jax.device_get(state.meta_params)
-    ages = np.asarray(state.population.age)
+    ages = np.asarray(state.population[0].age)
     # Two agents staggered over a lifetime of 4 updates: ages 0 and 2.
     np.testing.assert_array_equal(ages, [0, 2])
     state, metrics = trainer.meta_step(state)
@@ -134,7 +138,7 @@ def test_meta_step_updates_objective_and_counts_resets():
     assert any(not np.allclose(before[k], after[k]) for k in before)
     # The second agent reached its lifetime (2 + 2 updates) and restarted.
     assert int(metrics["agent/resets"]) == 1
-    np.testing.assert_array_equal(np.asarray(state.population.age), [2, 0])
+    np.testing.assert_array_equal(np.asarray(state.population[0].age), [2, 0])
     assert int(state.step) == 1
     steps_per_meta_step = 2 * 2 * 4 * (2 + 1)
     assert trainer.env_steps_per_meta_step == steps_per_meta_step
