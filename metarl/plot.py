@@ -13,6 +13,7 @@ from pathlib import Path
 
 from metarl.cli import fail
 from metarl.logger import METRICS_FILE, read_metrics
+from metarl.progress import env_of
 
 PLOT_FILE = "learning_curves.png"
 
@@ -73,6 +74,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ("meta_step", "meta/grad_norm", "meta-step", "meta-gradient norm"),
         ("meta_step", "meta/skipped_total", "meta-step", "skipped meta-updates"),
         ("meta_step", "loss/total", "meta-step", "agent loss"),
+    ]
+    # A population over several games: each game's return in its own panel,
+    # since their scales differ.
+    env_keys = sorted({k for r in records for k in r if env_of(k, "return")})
+    panels[1:1] = [
+        ("perf/env_steps", key, "environment steps", f"{env_of(key, 'return')} return")
+        for key in env_keys
     ]
     panels += [
         ("meta_step", key, "meta-step", key.split("/", 1)[1]) for key in objective_keys

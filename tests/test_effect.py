@@ -73,8 +73,9 @@ def test_meta_training_recovers_from_poor_objective_on_catch(tmp_path):
     poor = ParametricObjective(
         init_discount=POOR.init_discount, init_entropy_coef=POOR.init_entropy_coef
     )
+    (group,) = trainer.groups
     sums, counts = train_curves(
-        trainer, poor.init(jnp.float32), SEEDS, UPDATES, REPORT_EVERY
+        group, group.problem, poor.init(jnp.float32), SEEDS, UPDATES, REPORT_EVERY
     )
     poor_return = float(np.nanmean(final_returns(sums, counts, 0.1)))
 

@@ -135,3 +135,31 @@ def test_rewind_drops_records_after_the_checkpoint_and_torn_lines(tmp_path):
     assert [r["meta_step"] for r in kept] == [1, 2, 3, 4]
     assert read_metrics(tmp_path) == kept
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 4
+
+
+def test_console_line_and_plot_show_each_games_return(tmp_path):
+    record = {
+        "episode/return": 3.0,
+        "episode/asterix/return": 1.25,
+        "episode/breakout/return": float("nan"),
+        "episode/asterix/count": 4,
+    }
+    line = console_line(5, 10, 100, None, None, record)
+    assert "| return asterix 1.25 breakout n/a |" in line
+
+    records = [
+        {
+            "meta_step": s,
+            "perf/env_steps": 100 * s,
+            "episode/return": 1.0,
+            "episode/asterix/return": 0.5,
+            "episode/breakout/return": 2.0,
+        }
+        for s in (1, 2)
+    ]
+    (tmp_path / "metrics.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in records) + "\n"
+    )
+    data = plot_run(tmp_path).read_bytes()
+    # Five panels plus one per game: seven, on three rows (five take two).
+    assert int.from_bytes(data[20:24], "big") == 960
