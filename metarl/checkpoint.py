@@ -12,6 +12,11 @@ orbax writes each checkpoint under `<meta-step>.orbax-checkpoint-tmp` and
 renames the folder when every file is on disk, so a run killed mid-save
 leaves only a temporary folder, which is never read and is removed when the
 run resumes; the checkpoints before it stay intact.
+
+With several processes, the population is split over the hosts. Saving first
+gathers every array to every host, then process 0 alone writes; resuming,
+every process reads the whole checkpoint from the same folder (a filesystem
+shared by the hosts) and keeps its own devices' part of each array.
 """
 
 import copy
@@ -24,9 +29,16 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_VERSION = 1
+
+# Settings each command gives afresh, never taken from the run it resumes: how
+# this command's processes connect (a new coordinator port, another process
+# count) says nothing about the run, and the saved ones would point a resumed
+# process at a coordinator that is gone.
+PER_COMMAND_SETTINGS = ("distributed",)
 
 # Settings a resumed run may change: they steer the host loop and its outputs,
 # not the numbers the meta-steps compute.
@@ -37,6 +49,7 @@ RESUMABLE_SETTINGS = (
     "meta.steps",
     "meta.max_consecutive_skips",
     "objective.init_from",
+    *PER_COMMAND_SETTINGS,
 )
 
 # Settings a resumed run may change on purpose, to rescue a run that diverged:
@@ -174,7 +187,11 @@ class Checkpointer:
     """Saves and restores `MetaState`s under `RUN_DIR/checkpoints` with orbax.
 
     Saving is synchronous: the meta-step donates its input state, so the
-    arrays must be on disk before the next meta-step reuses their memory.
+    arrays must be copied out before the next meta-step reuses their memory.
+
+    Every process of a run makes one. `save` is collective (every process
+    calls it at the same meta-step) and only process 0 writes; `restore` reads
+    on every process, from the same folder.
 
     Args:
       run_dir: the run's folder.
@@ -186,12 +203,24 @@ class Checkpointer:
         self.run_dir = Path(run_dir)
         self.directory = self.run_dir / CHECKPOINT_DIR
         self._ocp = ocp
+        # Each process uses orbax on its own, on numpy copies of whole arrays:
+        # process 0 writes, the others only read. orbax's multi-host saving
+        # would instead have every process write its own shards and meet the
+        # others at barriers inside orbax, which hang as soon as one process
+        # saves alone or not at all (a signal, an error); with a single active
+        # process orbax skips every barrier, and the one step that all
+        # processes take together is the gathering before it (`save`).
+        me = jax.process_index()
+        self._writes = me == 0
         self._manager = ocp.CheckpointManager(
             self.directory.absolute(),
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 enable_async_checkpointing=False,
                 create=False,
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=me, active_processes={me}
+                ),
             ),
         )
 
@@ -210,16 +239,24 @@ class Checkpointer:
     def save(self, state, counters: HostCounters, config) -> Path:
         """Writes `state` and `counters` as the checkpoint of `state.step`.
 
+        With several processes every one of them must call it at the same
+        meta-step: the arrays are gathered to every host first, which takes
+        all of them. Only process 0 writes; the others return once gathered.
+
         Args:
-          state: the trainer's `MetaState`.
+          state: the trainer's `MetaState`; only its `step` field is read by
+            name, the rest is saved as whatever tree of arrays it is.
           counters: the host-side counters at that meta-step.
           config: the run's configuration, recorded for resuming.
 
         Returns:
-          The checkpoint's folder.
+          The checkpoint's folder (written by process 0).
         """
         ocp = self._ocp
         step = int(state.step)
+        arrays = gather_to_host(encode_keys(state))
+        if not self._writes:
+            return self.directory / str(step)
         self.directory.mkdir(parents=True, exist_ok=True)
         host = {
             "format_version": FORMAT_VERSION,
@@ -230,7 +267,7 @@ class Checkpointer:
         self._manager.save(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(encode_keys(state)),
+                state=ocp.args.StandardSave(arrays),
                 host=ocp.args.JsonSave(host),
             ),
             force=True,
@@ -291,6 +328,9 @@ class Checkpointer:
     def restore(self, step: int, template) -> tuple[Any, HostCounters]:
         """Reads checkpoint `step` back into the structure of `template`.
 
+        Every process reads the whole checkpoint and keeps the part of each
+        array that its devices hold, so all of them must see the same folder.
+
         Args:
           step: the meta-step of the checkpoint.
           template: a `MetaState` of the same configuration (for instance
@@ -306,7 +346,11 @@ class Checkpointer:
         """
         ocp = self._ocp
         host = self.read_host(step)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, encode_keys(template))
+        encoded = encode_keys(template)
+        # Without shardings orbax reads each array whole, into host memory.
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), encoded
+        )
         try:
             restored = self._manager.restore(
                 step,
@@ -329,7 +373,7 @@ class Checkpointer:
             raise self._damaged(step, error) from error
         if int(restored.step) != step or not math.isfinite(counters.wall_seconds):
             raise self._damaged(step, ValueError("its counters are inconsistent"))
-        restored = jax.tree.map(_placed_like, restored, encode_keys(template))
+        restored = jax.tree.map(_placed_like, restored, encoded)
         return decode_keys(restored, template), counters
 
     def close(self) -> None:
@@ -337,16 +381,39 @@ class Checkpointer:
         self._manager.close()
 
 
-def _placed_like(restored: jax.Array, like: jax.Array) -> jax.Array:
-    """`restored`, left uncommitted to a device where `like` is.
+def gather_to_host(tree) -> Any:
+    """Host copies of the arrays of `tree`, whole, on every process.
 
-    orbax commits what it restores to a device; a jitted function called
-    with committed arrays where it was called with uncommitted ones before
-    compiles again, so a resumed run in the same process would recompile.
+    With several processes, an array split over the hosts is gathered from
+    all of them, so every process must call this with the same tree at the
+    same point of the run.
+
+    Args:
+      tree: a pytree of arrays, none of them typed keys (see `encode_keys`).
+
+    Returns:
+      The same tree of numpy arrays.
     """
-    if isinstance(like, jax.Array) and not like.committed:
-        return jax.numpy.asarray(np.asarray(restored))
-    return restored
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _placed_like(restored: np.ndarray, like) -> jax.Array:
+    """`restored` on the devices where `like` is, split as `like` is.
+
+    Each process supplies only the pieces its own devices hold. An array of
+    `like` left uncommitted to a device stays uncommitted: a jitted function
+    called with committed arrays where it was called with uncommitted ones
+    before compiles again, so a resumed run in the same process would
+    recompile.
+    """
+    restored = np.asarray(restored)
+    if isinstance(like, jax.Array) and like.committed:
+        return jax.make_array_from_callback(
+            restored.shape, like.sharding, lambda index: np.asarray(restored[index])
+        )
+    return jax.numpy.asarray(restored)
 
 
 def _float_leaves(tree) -> list:
@@ -404,7 +471,8 @@ def resumed_settings(run_dir: Path, resolved: dict, keys: list[str]) -> dict:
 
     A resumed run keeps the configuration it was started with; only what the
     command line sets again (`meta.steps=2000`, `logger.mode=disabled`) comes
-    from the new command, so that resuming needs no repeated overrides.
+    from the new command, so that resuming needs no repeated overrides. The
+    `distributed` settings always come from the new command.
 
     Args:
       run_dir: the run directory being resumed.
@@ -429,7 +497,7 @@ def resumed_settings(run_dir: Path, resolved: dict, keys: list[str]) -> dict:
         merged = copy.deepcopy(checkpointer.read_host(step)["config"])
     finally:
         checkpointer.close()
-    for key in keys:
+    for key in [*keys, *PER_COMMAND_SETTINGS]:
         *parents, last = key.split(".")
         source, target = resolved, merged
         for part in parents:

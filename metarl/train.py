@@ -119,13 +119,25 @@ def _initial_state(trainer, checkpointer: Checkpointer, config: TrainConfig, run
 
     Raises:
       CheckpointError: if there is no checkpoint to resume, or it is damaged
-        or was written by an incompatible configuration.
+        or was written by an incompatible configuration, or the processes of
+        the run see different checkpoints.
       ObjectiveFileError: if `objective.init_from` is not a usable objective.
     """
-    state = trainer.init(config.seed)
     if config.resume is False:
+        state = trainer.init(config.seed)
         return _from_saved_objective(trainer, state, config), HostCounters()
     steps = checkpointer.steps()
+    # Every process restores its own part of the state from the same folder;
+    # hosts that saw different checkpoints would resume different runs.
+    newest = distributed.gather_ints(steps[-1] if steps else -1)
+    if len(set(newest)) > 1:
+        raise CheckpointError(
+            f"cannot resume {run_dir}: its processes see different newest "
+            f"checkpoints in {checkpointer.directory} (meta-steps "
+            f"{', '.join(map(str, newest))} on processes 0 to {len(newest) - 1}); "
+            "resuming a run of several processes needs a folder that every host "
+            "shares"
+        )
     if not steps:
         raise CheckpointError(
             f"resume: {checkpointer.directory} holds no complete checkpoint (the "
@@ -138,7 +150,9 @@ def _initial_state(trainer, checkpointer: Checkpointer, config: TrainConfig, run
             f"cannot resume {run_dir}: its checkpoint is at meta-step {step} but "
             f"meta.steps={config.meta.steps}; set meta.steps={step} or more"
         )
-    restored = checkpointer.restore(step, template=state)
+    # The template is built (and its program compiled) only once the
+    # checkpoint has passed the checks that can refuse it.
+    restored = checkpointer.restore(step, template=trainer.init(config.seed))
     for change in changed:
         print(
             f"metarl: resuming with {change}; from here the run departs from the "
@@ -166,10 +180,9 @@ def _from_saved_objective(trainer, state, config: TrainConfig):
     )
 
 
-def _diverged_message(step, config, checkpointer: Checkpointer) -> str:
-    last = checkpointer.latest_step()
+def _diverged_message(step, config, last: int | None, directory: Path) -> str:
     where = (
-        f"the last good checkpoint is meta-step {last} in {checkpointer.directory}"
+        f"the last good checkpoint is meta-step {last} in {directory}"
         if last is not None
         else "no checkpoint was written before"
     )
@@ -201,7 +214,7 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
     Raises:
       ConfigError: for a W&B mode that does not exist, a population that does
         not split over the devices, or a distributed runtime that does not
-        start, or resuming a run of several processes.
+        start.
       CheckpointError: for a checkpoint that cannot be resumed.
       ObjectiveFileError: for an `objective.init_from` that cannot be used.
       RunStopped: if too many meta-updates in a row were skipped, or a signal
@@ -211,13 +224,9 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
 
     distributed.initialize(config.distributed)
     main_process = distributed.is_main_process()
-    # NOTE: checkpoints hold the whole population on one host; with several
-    # processes the agents live on several hosts, so such runs keep none.
-    single_process = jax.process_count() == 1
-    if not single_process and config.resume is not False:
-        raise ConfigError(
-            "resume is not supported for runs of several processes; start a new run"
-        )
+    if config.resume is False:
+        # The other processes' own folders stay empty; process 0's is the run's.
+        run_dir = distributed.main_process_path(run_dir)
     meta, log_cfg, ckpt_cfg = config.meta, config.logger, config.checkpoint
     mode = wandb_mode(log_cfg.mode)
     trainer = Trainer(config)
@@ -239,7 +248,7 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         config_text = OmegaConf.to_yaml(OmegaConf.create(resolved))
         (run_dir / "config.yaml").write_text(config_text)
-    history = rewind_metrics(run_dir, start_step) if start_step else []
+    history = rewind_metrics(run_dir, start_step) if start_step and main_process else []
     logger = (RunLogger if main_process else NullLogger)(
         run_dir,
         resolved,
@@ -277,11 +286,18 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
     wall_before = counters.wall_seconds
     window = []
 
+    # Kept here rather than read from the folder: processes other than 0 go
+    # on before process 0 has finished writing.
+    last_saved = start_step or None
+
     def save_checkpoint(step: int) -> None:
+        nonlocal last_saved
         counters.wall_seconds = wall_before + progress.session_seconds
         counters.skip_streak = streak.count
-        if single_process:
-            checkpointer.save(state, counters, config)
+        # Every process takes part (the population is gathered from all of
+        # them); process 0 alone writes.
+        checkpointer.save(state, counters, config)
+        last_saved = step
         if not main_process:
             return
         save_objective(
@@ -314,7 +330,10 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
                 checkpoint_due = final or (
                     ckpt_cfg.every and step % ckpt_cfg.every == 0
                 )
-                stopping = streak.tripped or stop.requested
+                # The skip streak is the same on every process (it follows the
+                # replicated meta-gradient); a signal may not be.
+                signum = distributed.agreed_signal(stop.signum)
+                stopping = streak.tripped or signum is not None
                 if step % log_cfg.log_every == 0 or checkpoint_due or stopping:
                     record = _summarise(
                         jax.device_get(window),
@@ -343,10 +362,12 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
                     )
                 if streak.tripped:
                     raise RunStopped(
-                        _diverged_message(step, config, checkpointer),
+                        _diverged_message(
+                            step, config, last_saved, checkpointer.directory
+                        ),
                         DIVERGED_EXIT_CODE,
                     )
-                if checkpoint_due or stop.requested:
+                if checkpoint_due or signum is not None:
                     # A checkpoint amid skipped meta-updates could push the last
                     # good one out of the `checkpoint.keep` kept.
                     if streak.count and not final:
@@ -357,13 +378,12 @@ def run(config: TrainConfig, run_dir: Path, resolved: dict) -> Path:
                         )
                     else:
                         save_checkpoint(step)
-                if stop.requested:
-                    last = checkpointer.latest_step()
+                if signum is not None:
                     raise RunStopped(
-                        f"stopped by signal {stop.signum} after meta-step {step}; "
-                        f"the last checkpoint is meta-step {last}; continue with "
+                        f"stopped by signal {signum} after meta-step {step}; "
+                        f"the last checkpoint is meta-step {last_saved}; continue with "
                         f"resume={run_dir}",
-                        128 + stop.signum,
+                        128 + signum,
                     )
     finally:
         logger.close()
