@@ -1,6 +1,7 @@
 """What the command-line entry points share: config discovery and errors."""
 
 import dataclasses
+import logging
 import sys
 import typing
 from pathlib import Path
@@ -18,6 +19,15 @@ def config_dir() -> Path:
         f"metarl's configs are missing (looked in {package / 'configs'} and "
         f"{package.parent / 'configs'}); reinstall metarl"
     )
+
+
+def quiet_backend_probing() -> None:
+    """Hides JAX's INFO lines about accelerator backends it did not find.
+
+    JAX reports each one (TPU, CUDA) at INFO level, which Hydra would print
+    and write to the command's log file on every start.
+    """
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 
 def fail(message: str, exit_code: int = 2) -> None:
@@ -114,17 +124,21 @@ def override_keys(overrides: list[str]) -> list[str]:
     return keys
 
 
-def compose_config(overrides: list[str]) -> dict:
-    """metarl's configuration with `overrides`, resolved, as Hydra would build it.
+def compose_config(overrides: list[str], config_name: str = "config") -> dict:
+    """A configuration with `overrides`, resolved, as Hydra would build it.
 
     Composing does not touch the disk, so a command can be checked before
     Hydra creates its run directory.
+
+    Args:
+      overrides: the command-line overrides.
+      config_name: the top config, `config` (training) or `evaluate`.
     """
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     with initialize_config_dir(str(config_dir().absolute()), version_base=None):
-        cfg = compose("config", overrides=[a for a in overrides if a[:1] != "-"])
+        cfg = compose(config_name, overrides=[a for a in overrides if a[:1] != "-"])
     return OmegaConf.to_container(cfg, resolve=True)
 
 

@@ -26,7 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from metarl.cli import check_group_choices, config_dir, fail
+from metarl.cli import (
+    check_group_choices,
+    compose_config,
+    config_dir,
+    expand_env_list,
+    fail,
+    quiet_backend_probing,
+)
 from metarl.config import (
     AgentConfig,
     ConfigError,
@@ -280,6 +287,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Entry point of `python -m metarl.evaluate`."""
+    quiet_backend_probing()
     # `objective` names a config group of training, which Hydra would try to
     # select; the path is stored under its own key instead.
     sys.argv[1:] = [
@@ -288,7 +296,16 @@ def main() -> None:
         else arg
         for arg in sys.argv[1:]
     ]
-    check_group_choices(sys.argv[1:], ("env", "agent"))
+    argv = expand_env_list(sys.argv[1:])
+    check_group_choices(argv, ("env", "agent"))
+    # Bad settings or a missing objective end here, before Hydra creates a
+    # run directory.
+    try:
+        config = from_dict(EvaluateConfig, compose_config(argv, "evaluate"))
+        load_objective(config.objective_path)
+    except (ConfigError, ObjectiveFileError) as error:
+        fail(str(error))
+    sys.argv[1:] = argv
     hydra.main(
         version_base=None, config_path=str(config_dir()), config_name="evaluate"
     )(_main)()

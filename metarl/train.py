@@ -21,7 +21,6 @@ meta-updates kept coming out non-finite, 128 + signal number when stopped by
 a signal.
 """
 
-import logging
 import sys
 from pathlib import Path
 
@@ -45,6 +44,7 @@ from metarl.cli import (
     expand_env_list,
     fail,
     override_keys,
+    quiet_backend_probing,
 )
 from metarl.config import ConfigError, TrainConfig, from_dict
 from metarl.export import ObjectiveFileError, load_objective, save_objective
@@ -516,9 +516,7 @@ def check_command(argv: list[str]) -> list[str]:
 
 def main() -> None:
     """Entry point of `python -m metarl.train`."""
-    # JAX reports each accelerator backend it did not find (TPU, CUDA) at INFO
-    # level, which Hydra would print and write to train.log on every start.
-    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    quiet_backend_probing()
     sys.argv[1:] = check_command(sys.argv[1:])
     try:
         sys.argv += distributed.start_from_argv(sys.argv[1:])

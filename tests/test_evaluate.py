@@ -1,6 +1,7 @@
 """`metarl.evaluate`: frozen objectives against the A2C baseline."""
 
 import json
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +15,7 @@ from metarl import (
 )
 from metarl.config import AgentConfig, ConfigError, EnvConfig, OptimizerConfig
 from metarl.evaluate import EvaluateConfig, evaluate, final_returns
+from metarl.evaluate import main as evaluate_main
 
 
 def test_final_returns_average_only_the_last_spans_with_episodes():
@@ -23,17 +25,11 @@ def test_final_returns_average_only_the_last_spans_with_episodes():
     np.testing.assert_allclose(final_returns(sums, counts, 2 / 3), [13 / 5, 2.0])
 
 
-def test_evaluate_writes_curves_and_summary(tmp_path):
-    objective = ParametricObjective()
-    meta_params = objective.init()
-    # A deliberately different objective: the results must differ from A2C's.
-    meta_params["log_entropy_coef"] = jnp.float32(np.log(0.5))
-    save_objective(
-        tmp_path / "obj", objective, meta_params, train_envs=["catch"], meta_step=1
-    )
+def _evaluate_tiny(objective_path, env: str, run_dir):
+    """`evaluate` with 2 seeds x 20 updates of a tiny agent; its summary."""
     config = EvaluateConfig(
-        objective_path=str(tmp_path / "obj"),
-        env=EnvConfig(name="cartpole"),
+        objective_path=str(objective_path),
+        env=EnvConfig(name=env),
         agent=AgentConfig(
             num_envs=4,
             unroll_length=8,
@@ -45,9 +41,20 @@ def test_evaluate_writes_curves_and_summary(tmp_path):
         report_every=5,
         logger_mode="disabled",
     )
-    run_dir = tmp_path / "eval"
     run_dir.mkdir()
-    summary = evaluate(config, run_dir)
+    return evaluate(config, run_dir)
+
+
+def test_evaluate_writes_curves_and_summary(tmp_path):
+    objective = ParametricObjective()
+    meta_params = objective.init()
+    # A deliberately different objective: the results must differ from A2C's.
+    meta_params["log_entropy_coef"] = jnp.float32(np.log(0.5))
+    save_objective(
+        tmp_path / "obj", objective, meta_params, train_envs=["catch"], meta_step=1
+    )
+    run_dir = tmp_path / "eval"
+    summary = _evaluate_tiny(tmp_path / "obj", "cartpole", run_dir)
     assert set(summary) == {"learned", "a2c"}
     assert summary["learned"] != summary["a2c"]
     assert json.loads((run_dir / "summary.json").read_text()) == summary
@@ -66,23 +73,8 @@ def test_evaluate_trains_with_learned_targets_and_the_baseline(tmp_path):
         train_envs=["catch", "cartpole"],
         meta_step=1,
     )
-    config = EvaluateConfig(
-        objective_path=str(tmp_path / "obj"),
-        env=EnvConfig(name="catch"),
-        agent=AgentConfig(
-            num_envs=4,
-            unroll_length=8,
-            hidden_sizes=(8,),
-            optimizer=OptimizerConfig(learning_rate=0.05),
-        ),
-        seeds=2,
-        updates=20,
-        report_every=5,
-        logger_mode="disabled",
-    )
     run_dir = tmp_path / "eval"
-    run_dir.mkdir()
-    summary = evaluate(config, run_dir)
+    summary = _evaluate_tiny(tmp_path / "obj", "catch", run_dir)
     assert set(summary) == {"learned", "a2c"}
     for result in summary.values():
         assert np.isfinite(result["final_return_mean"])
@@ -121,3 +113,25 @@ def test_evaluate_reports_missing_objective(tmp_path):
     )
     with pytest.raises(ObjectiveFileError, match="missing"):
         evaluate(config, tmp_path)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["objective=NOPE", "env=catch"], "no saved objective at NOPE"),
+        (["objective=NOPE", "env=[catch,cartpole]"], "evaluate trains on one env"),
+        (["objective=NOPE", "seeds=0"], "seeds must be positive, got 0"),
+        (["env=catch"], "objective=PATH is required"),
+    ],
+)
+def test_bad_evaluate_command_is_one_line_and_creates_nothing(
+    tmp_path, monkeypatch, capsys, argv, message
+):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["metarl.evaluate", *argv])
+    with pytest.raises(SystemExit) as stop:
+        evaluate_main()
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert list(tmp_path.iterdir()) == []
