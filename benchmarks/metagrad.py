@@ -31,6 +31,7 @@ Usage:
   python benchmarks/metagrad.py                      # the full default run
   python benchmarks/metagrad.py --ks 16,64 --references reference --repeats 2
   python benchmarks/metagrad.py --ks 1024 --merge benchmarks/results/metagrad.csv
+  python benchmarks/metagrad.py --references "" --merge metagrad.csv  # re-render
 """
 
 import argparse
@@ -565,26 +566,35 @@ def plot(results: list[Result], out_dir: Path) -> list[Path]:
             1, len(references), figsize=(6 * len(references), 4.5), squeeze=False
         )
         for ax, reference in zip(axes[0], references, strict=True):
-            for variant in VARIANTS:
-                points = [
-                    (r.num_steps, getattr(r, field) * scale)
-                    for r in results
-                    if r.reference == reference
-                    and r.variant == variant
-                    and getattr(r, field) is not None
-                ]
-                if points:
-                    ks, values = zip(*sorted(points), strict=True)
-                    ax.plot(ks, values, marker="o", label=variant)
-            if field == "temp_bytes" and any(
-                r.reference == reference and r.status.startswith("does not fit")
+            rows = [
+                r
                 for r in results
-            ):
+                if r.reference == reference and getattr(r, field) is not None
+            ]
+            for index, variant in enumerate(VARIANTS):
+                # One colour per variant in every panel, so they can be compared.
+                color = f"C{index}"
+                points = sorted(
+                    (r.num_steps, getattr(r, field) * scale)
+                    for r in rows
+                    if r.variant == variant
+                )
+                if points:
+                    ks, values = zip(*points, strict=True)
+                    ax.plot(ks, values, marker="o", color=color, label=variant)
+                unfit = [
+                    (r.num_steps, getattr(r, field) * scale)
+                    for r in rows
+                    if r.variant == variant and r.status.startswith("does not fit")
+                ]
+                if unfit:
+                    ax.scatter(*zip(*unfit, strict=True), s=150, marker="x", c=color)
+            if any(r.status.startswith("does not fit") for r in rows):
                 ax.axhline(
                     psutil.virtual_memory().total * scale,
                     color="gray",
                     linestyle="--",
-                    label="this machine's memory",
+                    label="this machine's memory (x: does not fit)",
                 )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
@@ -722,7 +732,8 @@ def main(argv=None) -> None:
         f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
         f"population {args.population}, float32"
     )
-    print(f"# {_load()} at the start")
+    if references:
+        print(f"# {_load()} at the start")
     results: list[Result] = []
     for reference in references:
         large = reference == "large"
@@ -747,7 +758,8 @@ def main(argv=None) -> None:
                 group = measure_group(reference, num_steps, names, args, run, known)
             results.extend(group)
             jax.clear_caches()
-    print(f"# {_load()} at the end")
+    if references:
+        print(f"# {_load()} at the end")
     if earlier:
         measured = {(r.reference, r.num_steps) for r in results}
         from_earlier = sorted({(r.reference, r.num_steps) for r in earlier} - measured)
