@@ -17,14 +17,21 @@ fitting in memory. For every `K` and every variant the script reports:
 * the median wall time per meta-step after one warm-up call;
 * the same `K` inner updates with no meta-gradient (`inner`), for scale.
 
-A variant whose compiled footprint exceeds the memory available is reported
-as not fitting and is not run; one that fails with an out-of-memory error is
-reported as such. Results go to a markdown table on stdout, a CSV file and
-two PNG plots (log axes).
+A variant whose compiled footprint exceeds the machine's memory, or what is
+available when it would run, is reported as not fitting and is not run; one
+that fails with an out-of-memory error is reported as such. A variant whose
+call is predicted (from the same variant at a smaller `K` in this run, or in
+a merged earlier run) to take longer than `--max-call-seconds` is compiled
+only, and one whose warm-up call took longer is not timed further: its memory
+is reported, its time is marked as not measured. Results go to a markdown
+table on stdout, a CSV file and two PNG plots (log axes); `--merge` adds the
+rows of an earlier run's CSV that this run did not measure.
 
 Usage:
   python benchmarks/metagrad.py                      # the full default run
   python benchmarks/metagrad.py --ks 16,64 --references reference --repeats 2
+  python benchmarks/metagrad.py --ks 1024 --merge benchmarks/results/metagrad.csv
+  python benchmarks/metagrad.py --references "" --merge metagrad.csv  # re-render
 """
 
 import argparse
@@ -119,7 +126,13 @@ DEFAULT_VARIANTS = [
     "mixflow+ckpt",
     "mixflow+ckpt+rollout+grad",
 ]
-DEFAULT_LARGE_VARIANTS = ["autodiff", "autodiff_remat", "mixflow", "mixflow+ckpt"]
+DEFAULT_LARGE_VARIANTS = [
+    "inner",
+    "autodiff",
+    "autodiff_remat",
+    "mixflow",
+    "mixflow+ckpt",
+]
 
 
 def checkpoint_every(num_steps: int) -> int:
@@ -247,18 +260,44 @@ def compile_variant(trainer, state, variant, num_steps, result: Result):
 
 def fits_in_memory(result: Result, headroom: float = 0.85) -> bool:
     """False, with the reason in `result.status`, if the compiled footprint
-    exceeds what this machine has available now."""
+    exceeds this machine's memory or what it has available now.
+
+    The two are told apart because other processes share the machine: only
+    the first says that the configuration cannot run here at all.
+    """
     needed = sum(
         b or 0 for b in (result.temp_bytes, result.argument_bytes, result.output_bytes)
     )
-    available = psutil.virtual_memory().available
-    if needed > headroom * available:
+    memory = psutil.virtual_memory()
+    if needed > memory.total:
         result.status = (
             f"does not fit: needs {needed / 2**30:.1f} GiB, "
-            f"{available / 2**30:.1f} GiB available"
+            f"machine has {memory.total / 2**30:.1f} GiB"
+        )
+        return False
+    if needed > headroom * memory.available:
+        result.status = (
+            f"does not fit now: needs {needed / 2**30:.1f} GiB, "
+            f"{memory.available / 2**30:.1f} GiB available"
         )
         return False
     return True
+
+
+def predicted_call_seconds(known: list[Result], result: Result) -> float | None:
+    """One call's time at `result.num_steps`, extrapolated linearly in K from the
+    same reference and variant timed at the largest smaller K, if any."""
+    timed = [
+        r
+        for r in known
+        if (r.reference, r.variant) == (result.reference, result.variant)
+        and r.time_s is not None
+        and r.num_steps < result.num_steps
+    ]
+    if not timed:
+        return None
+    base = max(timed, key=lambda r: r.num_steps)
+    return base.time_s * result.num_steps / base.num_steps
 
 
 def run_once(compiled, state, result: Result, sample_rss: bool) -> float | None:
@@ -284,9 +323,13 @@ def run_once(compiled, state, result: Result, sample_rss: bool) -> float | None:
         return None
 
 
-def measure_group(reference, num_steps, variant_names, args, run: bool):
+def measure_group(reference, num_steps, variant_names, args, run: bool, known=()):
     """All variants at one `K`: compiled first, then timed round-robin so that
-    a change in the machine's load hits every variant alike."""
+    a change in the machine's load hits every variant alike.
+
+    `known` holds results at other `K` from which a call's time is predicted;
+    a variant predicted to be over `args.max_call_seconds` is compiled only.
+    """
     trainer, state = build(reference, num_steps, args.population)
     results, executables = [], {}
     for name in variant_names:
@@ -302,13 +345,19 @@ def measure_group(reference, num_steps, variant_names, args, run: bool):
         if compiled is None:
             continue
         _progress(result)
-        fits = fits_in_memory(result)
-        if not run:
-            if fits:
-                result.status = "compiled only: fits"
+        if not fits_in_memory(result):
             continue
-        if fits:
-            executables[name] = compiled
+        if not run:
+            result.status = "compiled only: fits"
+            continue
+        predicted = predicted_call_seconds(list(known), result)
+        if predicted is not None and predicted > args.max_call_seconds:
+            result.status = (
+                f"fits; not timed: about {predicted:.3g} s per call predicted, "
+                f"over --max-call-seconds {args.max_call_seconds:g}"
+            )
+            continue
+        executables[name] = compiled
 
     # Warm-up calls, one variant at a time, with the RSS sampler on.
     times: dict[str, list[float]] = {}
@@ -318,6 +367,14 @@ def measure_group(reference, num_steps, variant_names, args, run: bool):
             continue
         elapsed = run_once(executables[result.variant], state, result, True)
         if elapsed is None:
+            del executables[result.variant]
+            continue
+        if elapsed > args.max_call_seconds:
+            # Its peak RSS is measured; timing it would cost more such calls.
+            result.status = (
+                f"fits; not timed: warm-up call took {elapsed:.3g} s, "
+                f"over --max-call-seconds {args.max_call_seconds:g}"
+            )
             del executables[result.variant]
             continue
         times[result.variant], spent[result.variant] = [], elapsed
@@ -349,19 +406,27 @@ def measure_group(reference, num_steps, variant_names, args, run: bool):
     return results
 
 
-def measure_isolated(reference, num_steps, name, args) -> Result:
+def measure_isolated(reference, num_steps, name, args, known=()) -> Result:
     """One variant in a fresh process, so its peak RSS is its own."""
+    spec = {
+        "reference": reference,
+        "num_steps": num_steps,
+        "variant": name,
+        "known": [dataclasses.asdict(r) for r in known],
+    }
     command = [
         sys.executable,
         __file__,
         "--worker",
-        json.dumps({"reference": reference, "num_steps": num_steps, "variant": name}),
+        json.dumps(spec),
         "--population",
         str(args.population),
         "--repeats",
         str(args.repeats),
         "--max-seconds",
         str(args.max_seconds),
+        "--max-call-seconds",
+        str(args.max_call_seconds),
     ]
     process = subprocess.run(command, capture_output=True, text=True)
     for line in process.stdout.splitlines():
@@ -380,12 +445,18 @@ def measure_isolated(reference, num_steps, name, args) -> Result:
 
 def worker(spec: str, args) -> None:
     spec = json.loads(spec)
+    known = [Result(**r) for r in spec["known"]]
     (result,) = measure_group(
-        spec["reference"], spec["num_steps"], [spec["variant"]], args, run=True
+        spec["reference"], spec["num_steps"], [spec["variant"]], args, True, known
     )
     # The whole process's peak, which includes what importing JAX costs.
     result.rss_peak_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print("RESULT " + json.dumps(dataclasses.asdict(result)), flush=True)
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
 def _progress(result: Result) -> None:
@@ -498,17 +569,36 @@ def plot(results: list[Result], out_dir: Path) -> list[Path]:
             1, len(references), figsize=(6 * len(references), 4.5), squeeze=False
         )
         for ax, reference in zip(axes[0], references, strict=True):
-            for variant in VARIANTS:
-                points = [
+            rows = [
+                r
+                for r in results
+                if r.reference == reference and getattr(r, field) is not None
+            ]
+            for index, variant in enumerate(VARIANTS):
+                # One colour per variant in every panel, so they can be compared.
+                color = f"C{index}"
+                points = sorted(
                     (r.num_steps, getattr(r, field) * scale)
-                    for r in results
-                    if r.reference == reference
-                    and r.variant == variant
-                    and getattr(r, field) is not None
-                ]
+                    for r in rows
+                    if r.variant == variant
+                )
                 if points:
-                    ks, values = zip(*sorted(points), strict=True)
-                    ax.plot(ks, values, marker="o", label=variant)
+                    ks, values = zip(*points, strict=True)
+                    ax.plot(ks, values, marker="o", color=color, label=variant)
+                unfit = [
+                    (r.num_steps, getattr(r, field) * scale)
+                    for r in rows
+                    if r.variant == variant and r.status.startswith("does not fit")
+                ]
+                if unfit:
+                    ax.scatter(*zip(*unfit, strict=True), s=150, marker="x", c=color)
+            if any(r.status.startswith("does not fit") for r in rows):
+                ax.axhline(
+                    psutil.virtual_memory().total * scale,
+                    color="gray",
+                    linestyle="--",
+                    label="this machine's memory (x: does not fit)",
+                )
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("K (inner updates per meta-step)")
@@ -523,6 +613,35 @@ def plot(results: list[Result], out_dir: Path) -> list[Path]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def read_csv(path: Path) -> list[Result]:
+    """The rows `write_csv` wrote, with empty cells as None."""
+    types = dict.fromkeys(["reference", "variant", "status"], str)
+    types |= dict.fromkeys(["time_s", "compile_s"], float)
+    with path.open(newline="") as f:
+        return [
+            Result(
+                **{k: None if v == "" else types.get(k, int)(v) for k, v in row.items()}
+            )
+            for row in csv.DictReader(f)
+        ]
+
+
+def merge(earlier: list[Result], results: list[Result]) -> list[Result]:
+    """`results` and the rows of `earlier` at a (reference, K) this run did not
+    measure, so that every ratio in a table still compares rows of one run."""
+    measured = {(r.reference, r.num_steps) for r in results}
+    kept = [r for r in earlier if (r.reference, r.num_steps) not in measured]
+    order = list(VARIANTS)
+    return sorted(
+        kept + results,
+        key=lambda r: (
+            list(REFERENCES).index(r.reference),
+            r.num_steps,
+            order.index(r.variant),
+        ),
+    )
 
 
 def write_csv(results: list[Result], path: Path) -> None:
@@ -566,9 +685,9 @@ def parse_args(argv=None):
     parser.add_argument(
         "--large-run-ks",
         type=_int_list,
-        default=[16],
-        help="K values at which the large reference is run and timed; at the "
-        "others it is compiled only (its memory is the compiled figure)",
+        default=[16, 64, 256, 1024],
+        help="K values at which the large reference is run and timed (within "
+        "--max-call-seconds); at the others it is compiled only",
     )
     parser.add_argument("--population", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="timed calls")
@@ -578,6 +697,19 @@ def parse_args(argv=None):
         default=20.0,
         help="stop timing a variant once its calls took this long (at least "
         "one timed call after the warm-up)",
+    )
+    parser.add_argument(
+        "--max-call-seconds",
+        type=float,
+        default=60.0,
+        help="do not time a variant whose call is predicted to take longer, or "
+        "whose warm-up call took longer (its memory is still reported)",
+    )
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        help="an earlier run's CSV: its rows at (reference, K) pairs this run "
+        "does not measure join the table, CSV and plots",
     )
     parser.add_argument(
         "--isolate",
@@ -597,11 +729,14 @@ def main(argv=None) -> None:
         return
     args.out_dir.mkdir(parents=True, exist_ok=True)
     references = [r for r in args.references.split(",") if r]
+    earlier = read_csv(args.merge) if args.merge else []
     print(
         f"# metagrad benchmark: jax {jax.__version__}, {jax.devices()[0].platform}, "
         f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, "
         f"population {args.population}, float32"
     )
+    if references:
+        print(f"# {_load()} at the start")
     results: list[Result] = []
     for reference in references:
         large = reference == "large"
@@ -610,12 +745,33 @@ def main(argv=None) -> None:
         for num_steps in ks:
             run = not large or num_steps in args.large_run_ks
             print(f"{reference} K={num_steps} ...", file=sys.stderr, flush=True)
+            known = [r for r in earlier + results if r.reference == reference]
             if args.isolate and run:
-                group = [measure_isolated(reference, num_steps, n, args) for n in names]
+                group = [
+                    measure_isolated(
+                        reference,
+                        num_steps,
+                        n,
+                        args,
+                        [r for r in known if r.variant == n],
+                    )
+                    for n in names
+                ]
             else:
-                group = measure_group(reference, num_steps, names, args, run)
+                group = measure_group(reference, num_steps, names, args, run, known)
             results.extend(group)
             jax.clear_caches()
+    if references:
+        print(f"# {_load()} at the end")
+    if earlier:
+        measured = {(r.reference, r.num_steps) for r in results}
+        from_earlier = sorted({(r.reference, r.num_steps) for r in earlier} - measured)
+        results = merge(earlier, results)
+        references = sorted({r.reference for r in results}, key=list(REFERENCES).index)
+        print(
+            f"# rows from {args.merge} (an earlier run): "
+            + ", ".join(f"{ref} K={k}" for ref, k in from_earlier)
+        )
     for reference in references:
         agent = REFERENCES[reference]
         print(
