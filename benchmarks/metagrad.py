@@ -669,18 +669,34 @@ def _variant_list(text: str) -> list[str]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ks", type=_int_list, default=[16, 64, 256, 1024])
     parser.add_argument(
-        "--variants", type=_variant_list, default=DEFAULT_VARIANTS, help="reference"
+        "--ks",
+        type=_int_list,
+        default=[16, 64, 256, 1024],
+        help="comma-separated K values of the reference",
+    )
+    parser.add_argument(
+        "--variants",
+        type=_variant_list,
+        default=DEFAULT_VARIANTS,
+        help=f"comma-separated, of: {', '.join(VARIANTS)}",
     )
     parser.add_argument(
         "--references",
         default="reference,large",
         help="comma-separated: reference, large",
     )
-    parser.add_argument("--large-ks", type=_int_list, default=[16, 64, 256, 1024])
     parser.add_argument(
-        "--large-variants", type=_variant_list, default=DEFAULT_LARGE_VARIANTS
+        "--large-ks",
+        type=_int_list,
+        default=[16, 64, 256, 1024],
+        help="comma-separated K values of the large reference",
+    )
+    parser.add_argument(
+        "--large-variants",
+        type=_variant_list,
+        default=DEFAULT_LARGE_VARIANTS,
+        help="variants of the large reference",
     )
     parser.add_argument(
         "--large-run-ks",
@@ -689,7 +705,9 @@ def parse_args(argv=None):
         help="K values at which the large reference is run and timed (within "
         "--max-call-seconds); at the others it is compiled only",
     )
-    parser.add_argument("--population", type=int, default=1)
+    parser.add_argument(
+        "--population", type=int, default=1, help="agents per meta-step"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed calls")
     parser.add_argument(
         "--max-seconds",
