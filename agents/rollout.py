@@ -39,6 +39,16 @@ class RolloutStats(NamedTuple):
     episodes: chex.Array  # [] number of episodes that ended
 
 
+def _step_keys(key: chex.PRNGKey, unroll_length: int):
+    """Per-step keys for actions and environment steps, `[T]` each.
+
+    `rollout` and `replay` both derive them here, so a replay steps the
+    environments with exactly the randomness the rollout used.
+    """
+    keys = jax.vmap(jax.random.split)(jax.random.split(key, unroll_length))
+    return keys[:, 0], keys[:, 1]
+
+
 def rollout(
     network,
     params,
@@ -65,7 +75,6 @@ def rollout(
     Returns:
       `(trajectory, env_carry_after, stats)`.
     """
-
     with_predictions = bool(getattr(network, "prediction_size", 0))
 
     def evaluate(obs):
@@ -74,9 +83,8 @@ def rollout(
         logits, value = network.apply(params, obs)
         return logits, value, None
 
-    def step(carry, step_key):
-        env_carry = carry
-        action_key, env_key = jax.random.split(step_key)
+    def step(env_carry, keys):
+        action_key, env_key = keys
 
         # Act with the current policy.
         logits, value, prediction = evaluate(env_carry.obs)
@@ -84,26 +92,20 @@ def rollout(
         # gymnax environments expect int32 actions, also in 64-bit mode.
         action = policy.sample(seed=action_key).astype(jnp.int32)
 
-        # Step the environments and value the states the actions led to.
+        # Step the environments.
         new_carry, out = env.step(env_carry, action, env_key)
-        _, next_value, next_prediction = evaluate(out.next_obs)
-        extras = {}
+        transition = {
+            "obs": env_carry.obs,
+            "actions": action,
+            "rewards": out.reward,
+            "terminated": out.terminated,
+            "truncated": out.truncated,
+            "values": value,
+            "next_obs": out.next_obs,
+        }
         if with_predictions:
-            extras = {
-                "log_probs": policy.log_prob(action),
-                "predictions": prediction,
-                "next_predictions": next_prediction,
-            }
-        transition = Trajectory(
-            obs=env_carry.obs,
-            actions=action,
-            rewards=out.reward,
-            terminated=out.terminated,
-            truncated=out.truncated,
-            values=value,
-            next_values=next_value,
-            **extras,
-        )
+            transition["log_probs"] = policy.log_prob(action)
+            transition["predictions"] = prediction
         done = jnp.logical_or(out.terminated, out.truncated)
         stats = RolloutStats(
             return_sum=out.finished_return.sum(),
@@ -112,8 +114,49 @@ def rollout(
         )
         return new_carry, (transition, stats)
 
-    keys = jax.random.split(key, unroll_length)
-    env_carry, (trajectory, stats) = jax.lax.scan(step, env_carry, keys)
-    trajectory = jax.lax.stop_gradient(trajectory)
+    env_carry, (steps, stats) = jax.lax.scan(
+        step, env_carry, _step_keys(key, unroll_length)
+    )
+
+    # Value the states the actions led to in one batch after the loop: the
+    # states do not depend on these values, and one large batch runs faster
+    # than one small batch per step.
+    _, next_values, next_predictions = evaluate(steps.pop("next_obs"))
+    if with_predictions:
+        steps["next_predictions"] = next_predictions
+    trajectory = jax.lax.stop_gradient(Trajectory(next_values=next_values, **steps))
     stats = jax.tree.map(jnp.sum, stats)
     return trajectory, env_carry, stats
+
+
+def replay(
+    env: VecEnv, env_carry: EnvCarry, key: chex.PRNGKey, record: Trajectory
+) -> Trajectory:
+    """Rebuilds a rollout's trajectory from its record, without the network.
+
+    `record` is the trajectory that `rollout(network, params, env, env_carry,
+    key, T)` returned, with `obs` left out (`None`); every other field is a
+    few numbers per step. Stepping the environments again from `env_carry`
+    with the recorded actions and the rollout's own keys reproduces the
+    observations exactly, so a backward pass can keep the record instead of
+    the observations and skip the network's forward passes.
+
+    Args:
+      env: the batch of environments the rollout stepped.
+      env_carry: the environments' state before the rollout.
+      key: the rollout's key.
+      record: the rollout's trajectory without observations, `[T, B]`.
+
+    Returns:
+      The rollout's trajectory, observations included.
+    """
+    unroll_length = record.actions.shape[0]
+    _, env_keys = _step_keys(key, unroll_length)
+
+    def step(env_carry, inputs):
+        action, env_key = inputs
+        new_carry, _ = env.step(env_carry, action, env_key)
+        return new_carry, env_carry.obs
+
+    _, obs = jax.lax.scan(step, env_carry, (record.actions, env_keys))
+    return jax.lax.stop_gradient(record._replace(obs=obs))

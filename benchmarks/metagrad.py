@@ -75,6 +75,8 @@ class Variant:
       mode: a `meta.grad` mode, or None for the inner updates alone.
       checkpoint: store every `round(sqrt(K))`-th carry only.
       store_rollout: mixflow keeps each step's rollout.
+      replay_rollout: mixflow keeps a rollout that is not stored as its record
+        and replays the environments, instead of running the rollout again.
       store_inner_grad: mixflow keeps each step's inner gradient.
     """
 
@@ -82,6 +84,7 @@ class Variant:
     mode: str | None
     checkpoint: bool = False
     store_rollout: bool = False
+    replay_rollout: bool = False
     store_inner_grad: bool = False
 
     def grad_config(self, num_steps: int) -> MetaGradConfig:
@@ -89,6 +92,7 @@ class Variant:
             mode=self.mode or "autodiff",
             checkpoint_every=checkpoint_every(num_steps) if self.checkpoint else 0,
             store_rollout=self.store_rollout,
+            replay_rollout=self.replay_rollout,
             store_inner_grad=self.store_inner_grad,
         )
 
@@ -101,6 +105,10 @@ VARIANTS = {
         Variant("autodiff_remat", "autodiff_remat"),
         Variant("mixflow", "mixflow"),
         Variant("mixflow+grad", "mixflow", store_inner_grad=True),
+        Variant("mixflow+replay", "mixflow", replay_rollout=True),
+        Variant(
+            "mixflow+replay+grad", "mixflow", replay_rollout=True, store_inner_grad=True
+        ),
         Variant(
             "mixflow+rollout+grad", "mixflow", store_rollout=True, store_inner_grad=True
         ),
@@ -110,6 +118,13 @@ VARIANTS = {
             "mixflow",
             checkpoint=True,
             store_rollout=True,
+            store_inner_grad=True,
+        ),
+        Variant(
+            "mixflow+ckpt+replay+grad",
+            "mixflow",
+            checkpoint=True,
+            replay_rollout=True,
             store_inner_grad=True,
         ),
         Variant("autodiff_remat+ckpt", "autodiff_remat", checkpoint=True),
@@ -122,9 +137,11 @@ DEFAULT_VARIANTS = [
     "autodiff_remat",
     "mixflow",
     "mixflow+grad",
+    "mixflow+replay",
+    "mixflow+replay+grad",
     "mixflow+rollout+grad",
     "mixflow+ckpt",
-    "mixflow+ckpt+rollout+grad",
+    "mixflow+ckpt+replay+grad",
 ]
 DEFAULT_LARGE_VARIANTS = [
     "inner",

@@ -111,7 +111,8 @@ class MetaConfig:
     lifetime: int | tuple[int, ...] = 4096
     grad: str = "mixflow"
     checkpoint_every: int = 0
-    store_rollout: bool = True
+    store_rollout: bool = False
+    replay_rollout: bool = True
     store_inner_grad: bool = True
     learning_rate: float = 3e-3
     max_grad_norm: float | None = 1.0

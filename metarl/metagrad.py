@@ -9,9 +9,10 @@ initial parameters and optimiser state, by one of three modes:
 * `autodiff`: plain reverse-over-reverse differentiation of the unroll.
 * `autodiff_remat`: the same with `jax.checkpoint` on each inner step.
 * `mixflow`: MixFlow-MG (Kemaev et al., 2025, "Scalable Meta-Learning via
-  Mixed-Mode Differentiation"). Each inner step has a custom VJP whose only
-  residuals are the step's inputs; its backward pass recomputes the rollout
-  and the inner gradient, pulls the cotangent back through the optimiser,
+  Mixed-Mode Differentiation"). Each inner step has a custom VJP whose
+  residuals are the step's inputs (and, for problems that can replay their
+  rollout, the rollout's small record); its backward pass rebuilds the
+  rollout and the inner gradient, pulls the cotangent back through the optimiser,
   and gets both second-derivative products, `H_thth g_bar` and
   `H_etath g_bar`, from a single forward-mode JVP of the joint gradient
   `grad_(theta, eta) L` along `(g_bar, 0)`. This uses the symmetry of the
@@ -62,11 +63,31 @@ class InnerProblem:
       update: `(grads, opt_state, params, meta_params) -> (updates,
         opt_state)`, an optax-style update that may read meta-parameters (a
         learned learning rate, say).
+      record: optional, `data -> record`: the part of a rollout's data from
+        which `replay` rebuilds the rest (the actions and the network's
+        outputs, say, without the observations).
+      replay: optional, `(record, env, key) -> data`: the rollout's data
+        again, from its record and the `env` and `key` the rollout was given,
+        without running the agent. It must reproduce the data exactly.
     """
 
     rollout: Callable[..., tuple[Any, Any, Any]]
     loss: Callable[..., tuple[chex.Array, dict[str, chex.Array]]]
     update: Callable[..., tuple[Any, Any]]
+    record: Callable[[Any], Any] | None = None
+    replay: Callable[..., Any] | None = None
+
+    def __post_init__(self):
+        if (self.record is None) != (self.replay is None):
+            raise MetaGradError(
+                "InnerProblem needs both record and replay, or neither; "
+                "give the missing one or drop the other"
+            )
+
+    @property
+    def can_replay(self) -> bool:
+        """Whether the rollout can be rebuilt from a record."""
+        return self.replay is not None
 
 
 def from_optax(
@@ -91,6 +112,11 @@ class MetaGradConfig:
         in the backward pass (0: store every carry).
       store_rollout: `mixflow` keeps each step's rollout as a residual instead
         of recomputing it from the stored environment state and key.
+      replay_rollout: when the rollout is not stored, `mixflow` keeps its
+        record (`InnerProblem.record`, which the problem must have) and
+        replays the environments in the backward pass instead of running the
+        agent's rollout again: a few numbers per environment step more, no
+        network forward passes in the rollout's place.
       store_inner_grad: `mixflow` keeps each step's inner gradient as a
         residual instead of recomputing it (one parameter-sized array more per
         step, one gradient less in the backward pass).
@@ -99,6 +125,7 @@ class MetaGradConfig:
     mode: str = "mixflow"
     checkpoint_every: int = 0
     store_rollout: bool = False
+    replay_rollout: bool = False
     store_inner_grad: bool = False
 
     def __post_init__(self):
@@ -237,12 +264,23 @@ def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
     def step(meta_params, state):
         return _inner_step(problem, meta_params, state)
 
+    replay = config.replay_rollout and not config.store_rollout
+    if replay and not problem.can_replay:
+        raise MetaGradError(
+            "replay_rollout needs an InnerProblem with record and replay; give "
+            "them, or set replay_rollout=False to run the rollout again"
+        )
+
     def step_fwd(meta_params, state):
         out, data, grads = _inner_step_with_intermediates(problem, meta_params, state)
+        if replay:
+            data = problem.record(data)
+        elif not config.store_rollout:
+            data = None
         residuals = (
             meta_params,
             state,
-            data if config.store_rollout else None,
+            data,
             grads if config.store_inner_grad else None,
         )
         return out, residuals
@@ -251,9 +289,11 @@ def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
         meta_params, state, data, grads = residuals
         state_bar, _ = cotangents  # metrics and stats feed no meta-loss
 
-        # Recompute what was not stored: the rollout, then the inner gradient.
-        if data is None:
-            _, rollout_key = jax.random.split(state.key)
+        # Rebuild what was not stored: the rollout, then the inner gradient.
+        _, rollout_key = jax.random.split(state.key)
+        if replay:
+            data = jax.lax.stop_gradient(problem.replay(data, state.env, rollout_key))
+        elif data is None:
             data, _, _ = problem.rollout(state.params, state.env, rollout_key)
             data = jax.lax.stop_gradient(data)
         grads, hvp = _hessian_vector_products(

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import envs
-from agents import make_network, make_optimizer, rollout
+from agents import make_network, make_optimizer, replay, rollout
 from agents.networks import Network
 from metarl.config import TrainConfig, population_plan
 from metarl.guard import skip_nonfinite, skipped_updates
@@ -103,7 +103,21 @@ def inner_problem(
         rate = meta.learning_rate
         return jax.tree.map(lambda u: u * rate.astype(u.dtype), updates), opt_state
 
-    return InnerProblem(rollout=agent_rollout, loss=loss, update=update)
+    def record(trajectory):
+        # Everything but the observations, which replaying the environments
+        # with the recorded actions gives back.
+        return trajectory._replace(obs=None)
+
+    def agent_replay(record, env_carry, key):
+        return replay(env, env_carry, key, record)
+
+    return InnerProblem(
+        rollout=agent_rollout,
+        loss=loss,
+        update=update,
+        record=record,
+        replay=agent_replay,
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -224,6 +238,7 @@ class Trainer:
             mode=meta.grad,
             checkpoint_every=meta.checkpoint_every,
             store_rollout=meta.store_rollout,
+            replay_rollout=meta.replay_rollout,
             store_inner_grad=meta.store_inner_grad,
         )
         meta_parts = [optax.adam(meta.learning_rate)]

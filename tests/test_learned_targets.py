@@ -78,11 +78,13 @@ def test_loss_refuses_trajectories_without_predictions():
         trainer.objective.loss(network, params, trainer.objective.init(), trajectory)
 
 
-def test_mixflow_matches_autodiff_with_learned_targets():
+@pytest.mark.parametrize("store_rollout", [True, False], ids=["stored", "replayed"])
+def test_mixflow_matches_autodiff_with_learned_targets(store_rollout):
     grads = {}
     for mode in ("mixflow", "autodiff"):
         config = dataclasses.replace(
-            tiny_config(inner_steps=2, grad=mode), objective=SMALL
+            tiny_config(inner_steps=2, grad=mode, store_rollout=store_rollout),
+            objective=SMALL,
         )
         trainer = Trainer(config)
         state = trainer.init(seed=1)

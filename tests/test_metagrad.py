@@ -217,6 +217,90 @@ def test_mixflow_residual_options_match_autodiff(
     _check_against_autodiff("clip_adam_weight_decay", 7, config)
 
 
+def _synthetic_record(data):
+    """What the synthetic rollout's replay needs: the parameter-dependent targets."""
+    _, y = data
+    return y
+
+
+def _synthetic_replay(record, env, key):
+    """The synthetic rollout again from its targets: only the inputs are rebuilt."""
+    x, _ = _features(env, key)
+    return x, record
+
+
+def _replayable_problem(optimizer_name, replay=_synthetic_replay):
+    problem, state = _synthetic_case(optimizer_name)
+    problem = InnerProblem(
+        problem.rollout,
+        problem.loss,
+        problem.update,
+        record=_synthetic_record,
+        replay=replay,
+    )
+    return problem, state
+
+
+@pytest.mark.parametrize(
+    ("store_inner_grad", "checkpoint_every"), [(False, 0), (True, 0), (False, 3)]
+)
+def test_mixflow_with_replayed_rollout_matches_autodiff(
+    store_inner_grad, checkpoint_every
+):
+    problem, state = _replayable_problem("clip_adam_weight_decay")
+    config = MetaGradConfig(
+        mode="mixflow",
+        checkpoint_every=checkpoint_every,
+        replay_rollout=True,
+        store_inner_grad=store_inner_grad,
+    )
+    actual = _meta_gradient(problem, SYNTHETIC_META_PARAMS, state, 7, config)
+    _assert_trees_close(actual, _autodiff_reference("clip_adam_weight_decay", 7))
+
+
+def test_mixflow_backward_pass_reads_the_replayed_rollout():
+    # A replay that rebuilds the wrong inputs changes the meta-gradient only
+    # when the backward pass uses it: without replay_rollout, or with a stored
+    # rollout, the rollout is run again or kept instead.
+    def wrong_replay(record, env, key):
+        x, y = _synthetic_replay(record, env, key)
+        return 2.0 * x, y
+
+    problem, state = _replayable_problem("adam", replay=wrong_replay)
+    expected = _autodiff_reference("adam", 4)
+
+    def meta_gradient(**options):
+        config = MetaGradConfig(mode="mixflow", **options)
+        return _meta_gradient(problem, SYNTHETIC_META_PARAMS, state, 4, config)
+
+    replayed = meta_gradient(replay_rollout=True)
+    error = max(
+        float(np.max(np.abs(a - e)) / np.max(np.abs(e)))
+        for a, e in zip(
+            jax.tree.leaves(replayed), jax.tree.leaves(expected), strict=True
+        )
+    )
+    assert error > 1e-3
+    _assert_trees_close(meta_gradient(), expected)
+    stored = meta_gradient(store_rollout=True, replay_rollout=True)
+    _assert_trees_close(stored, expected)
+
+
+def test_inner_problem_needs_record_and_replay_together():
+    problem, _ = _synthetic_case("sgd")
+    with pytest.raises(MetaGradError, match="both record and replay"):
+        InnerProblem(
+            problem.rollout, problem.loss, problem.update, record=_synthetic_record
+        )
+
+
+def test_replay_rollout_needs_a_problem_that_can_replay():
+    problem, state = _synthetic_case("sgd")
+    config = MetaGradConfig(mode="mixflow", replay_rollout=True)
+    with pytest.raises(MetaGradError, match="replay_rollout=False"):
+        unroll(problem, SYNTHETIC_META_PARAMS, state, 2, config)
+
+
 def _data_only_rollout(params, env, key):
     """The synthetic rollout with targets that do not depend on the parameters."""
     del params
