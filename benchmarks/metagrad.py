@@ -148,6 +148,7 @@ DEFAULT_LARGE_VARIANTS = [
     "autodiff",
     "autodiff_remat",
     "mixflow",
+    "mixflow+replay",
     "mixflow+ckpt",
 ]
 
