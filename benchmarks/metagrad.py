@@ -114,17 +114,17 @@ VARIANTS = {
         ),
         Variant("mixflow+ckpt", "mixflow", checkpoint=True),
         Variant(
-            "mixflow+ckpt+rollout+grad",
-            "mixflow",
-            checkpoint=True,
-            store_rollout=True,
-            store_inner_grad=True,
-        ),
-        Variant(
             "mixflow+ckpt+replay+grad",
             "mixflow",
             checkpoint=True,
             replay_rollout=True,
+            store_inner_grad=True,
+        ),
+        Variant(
+            "mixflow+ckpt+rollout+grad",
+            "mixflow",
+            checkpoint=True,
+            store_rollout=True,
             store_inner_grad=True,
         ),
         Variant("autodiff_remat+ckpt", "autodiff_remat", checkpoint=True),
@@ -593,8 +593,10 @@ def plot(results: list[Result], out_dir: Path) -> list[Path]:
                 if r.reference == reference and getattr(r, field) is not None
             ]
             for index, variant in enumerate(VARIANTS):
-                # One colour per variant in every panel, so they can be compared.
-                color = f"C{index}"
+                # One colour and line style per variant in every panel, so
+                # they can be compared; past ten colours the lines are dashed.
+                color = f"C{index % 10}"
+                linestyle = ("-", "--", ":")[index // 10 % 3]
                 points = sorted(
                     (r.num_steps, getattr(r, field) * scale)
                     for r in rows
@@ -602,7 +604,14 @@ def plot(results: list[Result], out_dir: Path) -> list[Path]:
                 )
                 if points:
                     ks, values = zip(*points, strict=True)
-                    ax.plot(ks, values, marker="o", color=color, label=variant)
+                    ax.plot(
+                        ks,
+                        values,
+                        marker="o",
+                        color=color,
+                        linestyle=linestyle,
+                        label=variant,
+                    )
                 unfit = [
                     (r.num_steps, getattr(r, field) * scale)
                     for r in rows

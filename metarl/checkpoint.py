@@ -57,6 +57,17 @@ RESUMABLE_SETTINGS = (
 # one that was interrupted, and says so.
 TUNABLE_SETTINGS = ("meta.learning_rate", "agent.optimizer.learning_rate")
 
+# Settings of how the meta-gradient is computed, which trade memory for time:
+# a resumed run may change them (to fit in less memory, say) and computes the
+# same meta-gradients up to rounding.
+GRADIENT_SETTINGS = (
+    "meta.grad",
+    "meta.checkpoint_every",
+    "meta.store_rollout",
+    "meta.replay_rollout",
+    "meta.store_inner_grad",
+)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or does not fit the configuration."""
@@ -159,7 +170,8 @@ def check_compatible(saved: dict, config, run_dir: Path) -> list[str]:
       run_dir: the run's folder, for the message.
 
     Returns:
-      One `key: old -> new` line per changed `TUNABLE_SETTINGS` entry.
+      One `key: old -> new` line per changed `TUNABLE_SETTINGS` or
+      `GRADIENT_SETTINGS` entry.
 
     Raises:
       CheckpointError: naming the first other setting that differs.
@@ -171,7 +183,7 @@ def check_compatible(saved: dict, config, run_dir: Path) -> list[str]:
             continue
         if old.get(key) == new.get(key):
             continue
-        if key in TUNABLE_SETTINGS:
+        if key in TUNABLE_SETTINGS or key in GRADIENT_SETTINGS:
             changed.append(f"{key}: {old.get(key)} -> {new.get(key)}")
             continue
         raise CheckpointError(
@@ -317,7 +329,8 @@ class Checkpointer:
         """Raises unless checkpoint `step` can be read and continued by `config`.
 
         Returns:
-          The step sizes `config` changes, as `check_compatible` lists them.
+          The step sizes and meta-gradient settings `config` changes, as
+          `check_compatible` lists them.
 
         Raises:
           CheckpointError: if its record is damaged, or `config` differs from

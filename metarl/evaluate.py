@@ -18,6 +18,7 @@ import dataclasses
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -171,8 +172,12 @@ def _write_outputs(run_dir: Path, steps_per_span: int, curves: dict) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, (sums, counts) in curves.items():
         per_seed = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-        mean = np.nanmean(per_seed, axis=1)
-        stderr = np.nanstd(per_seed, axis=1) / np.sqrt(per_seed.shape[1])
+        # A point where no seed finished an episode stays a gap in the curve;
+        # numpy would warn about each such empty mean.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(per_seed, axis=1)
+            stderr = np.nanstd(per_seed, axis=1) / np.sqrt(per_seed.shape[1])
         x = np.arange(1, len(mean) + 1) * steps_per_span
         ax.plot(x, mean, label=name)
         ax.fill_between(x, mean - stderr, mean + stderr, alpha=0.25)

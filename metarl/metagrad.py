@@ -10,13 +10,12 @@ initial parameters and optimiser state, by one of three modes:
 * `autodiff_remat`: the same with `jax.checkpoint` on each inner step.
 * `mixflow`: MixFlow-MG (Kemaev et al., 2025, "Scalable Meta-Learning via
   Mixed-Mode Differentiation"). Each inner step has a custom VJP whose
-  residuals are the step's inputs (and, for problems that can replay their
-  rollout, the rollout's small record); its backward pass rebuilds the
-  rollout and the inner gradient, pulls the cotangent back through the optimiser,
-  and gets both second-derivative products, `H_thth g_bar` and
-  `H_etath g_bar`, from a single forward-mode JVP of the joint gradient
-  `grad_(theta, eta) L` along `(g_bar, 0)`. This uses the symmetry of the
-  Hessian of the scalar loss.
+  residuals are the step's inputs (and, with `replay_rollout`, the rollout's
+  small record); its backward pass rebuilds the rollout and the inner
+  gradient, pulls the cotangent back through the optimiser, and gets both
+  second-derivative products, `H_thth g_bar` and `H_etath g_bar`, from a
+  single forward-mode JVP of the joint gradient `grad_(theta, eta) L` along
+  `(g_bar, 0)`. This uses the symmetry of the Hessian of the scalar loss.
 
 Independently of the mode, `checkpoint_every=c` stores only every `c`-th
 carry and recomputes the segment in between in the backward pass, so stored
@@ -129,6 +128,16 @@ class MetaGradConfig:
     store_inner_grad: bool = False
 
     def __post_init__(self):
+        for name in ("store_rollout", "replay_rollout", "store_inner_grad"):
+            if not isinstance(getattr(self, name), bool):
+                raise MetaGradError(
+                    f"meta.{name} must be true or false, got {getattr(self, name)!r}"
+                )
+        if not _is_whole_number(self.checkpoint_every):
+            raise MetaGradError(
+                f"meta.checkpoint_every must be a whole number, got "
+                f"{self.checkpoint_every!r}; write it like meta.checkpoint_every=8"
+            )
         if self.mode not in GRAD_MODES:
             raise MetaGradError(
                 f"meta.grad must be one of {', '.join(GRAD_MODES)}; got '{self.mode}'"
@@ -138,6 +147,10 @@ class MetaGradConfig:
                 f"meta.checkpoint_every must be 0 (off) or positive, got "
                 f"{self.checkpoint_every}"
             )
+
+
+def _is_whole_number(value) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _inner_step_with_intermediates(
@@ -371,12 +384,19 @@ def unroll(
 
     Returns:
       `(state_K, (metrics, stats))`, the last two with a leading `[K]` axis.
+      Meta-gradients flow through `state_K`. The metrics and stats are for
+      logging: under `mixflow` they carry no meta-gradient (its custom VJP
+      passes cotangents back through the agent's state only), so a meta-loss
+      must be computed from `state_K`, as the trainer's is, and not from them.
 
     Raises:
-      MetaGradError: if `num_steps` is not positive.
+      MetaGradError: if `num_steps` is not a positive whole number, or the
+        mode cannot handle the problem.
     """
-    if num_steps < 1:
-        raise MetaGradError(f"meta.inner_steps must be positive, got {num_steps}")
+    if not _is_whole_number(num_steps) or num_steps < 1:
+        raise MetaGradError(
+            f"meta.inner_steps must be a positive whole number, got {num_steps!r}"
+        )
     step = make_step(problem, config)
     segment = config.checkpoint_every
     if not segment or segment >= num_steps:

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarl import distributed
 from metarl.checkpoint import (
+    GRADIENT_SETTINGS,
     Checkpointer,
     CheckpointError,
     HostCounters,
@@ -105,7 +106,8 @@ def describe_population(trainer) -> str:
         return ", ".join(f"{v:g}" for v in dict.fromkeys(items))
 
     return "; ".join(
-        f"{g.env_name} {g.size} agents (learning rates {values(g.learning_rates)}; "
+        f"{g.env_name} {g.size} agent{'s' if g.size > 1 else ''} "
+        f"(learning rates {values(g.learning_rates)}; "
         f"lifetimes {values(g.lifetimes)})"
         for g in trainer.groups
     )
@@ -154,11 +156,11 @@ def _initial_state(trainer, checkpointer: Checkpointer, config: TrainConfig, run
     # checkpoint has passed the checks that can refuse it.
     restored = checkpointer.restore(step, template=trainer.init(config.seed))
     for change in changed:
-        print(
-            f"metarl: resuming with {change}; from here the run departs from the "
-            "one that stopped",
-            flush=True,
-        )
+        if change.split(":")[0] in GRADIENT_SETTINGS:
+            effect = "the meta-gradients are the same up to rounding"
+        else:
+            effect = "from here the run departs from the one that stopped"
+        print(f"metarl: resuming with {change}; {effect}", flush=True)
     return restored
 
 

@@ -388,6 +388,28 @@ def test_unroll_rejects_non_positive_steps():
         unroll(problem, SYNTHETIC_META_PARAMS, state, 0)
 
 
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"checkpoint_every": 1.5}, "checkpoint_every must be a whole number"),
+        ({"checkpoint_every": "2"}, "checkpoint_every must be a whole number"),
+        ({"checkpoint_every": True}, "checkpoint_every must be a whole number"),
+        ({"replay_rollout": "yes"}, "replay_rollout must be true or false"),
+        ({"store_inner_grad": 1}, "store_inner_grad must be true or false"),
+    ],
+)
+def test_config_rejects_settings_of_the_wrong_type(options, message):
+    with pytest.raises(MetaGradError, match=message):
+        MetaGradConfig(mode="mixflow", **options)
+
+
+@pytest.mark.parametrize("num_steps", [2.5, "3", True])
+def test_unroll_rejects_steps_that_are_not_whole_numbers(num_steps):
+    problem, state = _synthetic_case("sgd")
+    with pytest.raises(MetaGradError, match="positive whole number"):
+        unroll(problem, SYNTHETIC_META_PARAMS, state, num_steps)
+
+
 def test_config_rejects_unknown_mode():
     with pytest.raises(MetaGradError, match="meta.grad"):
         MetaGradConfig(mode="reverse")

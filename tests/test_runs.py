@@ -548,3 +548,20 @@ def test_resume_may_lower_learning_rates_and_says_so(finished_run):
     with pytest.raises(CheckpointError, match=r"agent.hidden_sizes=\[8\] but"):
         checkpointer.check_resumable(6, wider)
     checkpointer.close()
+
+
+def test_resume_may_change_how_meta_gradients_are_computed(finished_run):
+    config, full_dir = finished_run
+    checkpointer = Checkpointer(full_dir)
+    leaner = dataclasses.replace(
+        config,
+        meta=dataclasses.replace(
+            config.meta, store_inner_grad=False, checkpoint_every=2, grad="autodiff"
+        ),
+    )
+    assert checkpointer.check_resumable(6, leaner) == [
+        "meta.checkpoint_every: 0 -> 2",
+        "meta.grad: mixflow -> autodiff",
+        "meta.store_inner_grad: True -> False",
+    ]
+    checkpointer.close()
