@@ -454,7 +454,7 @@ class Trainer:
         sums = [_stats_sums(s) for s in stats]
         out = {
             "meta/loss": meta_loss,
-            "meta/grad_norm": optax.global_norm(meta_grads),
+            "meta/grad_norm": optax.tree.norm(meta_grads),
             "meta/skipped": (~finite).astype(jnp.int32),
             "agent/resets": resets,
             "agent/skipped_updates": skipped,
