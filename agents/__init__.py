@@ -3,7 +3,7 @@
 from agents.loss import LossHyperparams, actor_critic_loss
 from agents.networks import ActorCritic, make_network
 from agents.optim import make_optimizer, safe_clip_by_global_norm
-from agents.rollout import RolloutStats, Trajectory, replay, rollout
+from agents.rollout import RolloutStats, Trajectory, record, replay, rollout
 
 __all__ = [
     "ActorCritic",
@@ -13,6 +13,7 @@ __all__ = [
     "actor_critic_loss",
     "make_network",
     "make_optimizer",
+    "record",
     "replay",
     "rollout",
     "safe_clip_by_global_norm",

@@ -129,34 +129,48 @@ def rollout(
     return trajectory, env_carry, stats
 
 
+def record(trajectory: Trajectory) -> Trajectory:
+    """What `replay` needs of a rollout's trajectory: what the network produced.
+
+    The actions, values and (with a prediction head) log-probabilities and
+    predictions, a few numbers per step; the observations, rewards and ends
+    of episodes are left out (`None`), since stepping the environments again
+    gives them back.
+    """
+    return trajectory._replace(obs=None, rewards=None, terminated=None, truncated=None)
+
+
 def replay(
     env: VecEnv, env_carry: EnvCarry, key: chex.PRNGKey, record: Trajectory
 ) -> Trajectory:
-    """Rebuilds a rollout's trajectory from its record, without the network.
+    """Rebuilds a rollout's trajectory from its `record`, without the network.
 
-    `record` is the trajectory that `rollout(network, params, env, env_carry,
-    key, T)` returned, with `obs` left out (`None`); every other field is a
-    few numbers per step. Stepping the environments again from `env_carry`
-    with the recorded actions and the rollout's own keys reproduces the
-    observations exactly, so a backward pass can keep the record instead of
-    the observations and skip the network's forward passes.
+    Stepping the environments again from `env_carry` with the recorded actions
+    and the rollout's own keys reproduces the observations, rewards and ends
+    of episodes exactly, so a backward pass can keep the record instead of the
+    trajectory and skip the network's forward passes.
 
     Args:
       env: the batch of environments the rollout stepped.
       env_carry: the environments' state before the rollout.
       key: the rollout's key.
-      record: the rollout's trajectory without observations, `[T, B]`.
+      record: `record(trajectory)` of the rollout's trajectory, `[T, B]`.
 
     Returns:
-      The rollout's trajectory, observations included.
+      The rollout's trajectory.
     """
     unroll_length = record.actions.shape[0]
     _, env_keys = _step_keys(key, unroll_length)
 
     def step(env_carry, inputs):
         action, env_key = inputs
-        new_carry, _ = env.step(env_carry, action, env_key)
-        return new_carry, env_carry.obs
+        new_carry, out = env.step(env_carry, action, env_key)
+        return new_carry, (env_carry.obs, out.reward, out.terminated, out.truncated)
 
-    _, obs = jax.lax.scan(step, env_carry, (record.actions, env_keys))
-    return jax.lax.stop_gradient(record._replace(obs=obs))
+    _, (obs, rewards, terminated, truncated) = jax.lax.scan(
+        step, env_carry, (record.actions, env_keys)
+    )
+    trajectory = record._replace(
+        obs=obs, rewards=rewards, terminated=terminated, truncated=truncated
+    )
+    return jax.lax.stop_gradient(trajectory)

@@ -596,7 +596,7 @@ def plot(results: list[Result], out_dir: Path) -> list[Path]:
                 # One colour and line style per variant in every panel, so
                 # they can be compared; past ten colours the lines are dashed.
                 color = f"C{index % 10}"
-                linestyle = ("-", "--", ":")[index // 10 % 3]
+                linestyle = "-" if index < 10 else "--"
                 points = sorted(
                     (r.num_steps, getattr(r, field) * scale)
                     for r in rows

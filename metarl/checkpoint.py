@@ -69,6 +69,15 @@ GRADIENT_SETTINGS = (
 )
 
 
+def resume_notice(change: str) -> str:
+    """What a resumed run says about one `check_compatible` change line."""
+    if change.split(":")[0] in GRADIENT_SETTINGS:
+        effect = "the meta-gradients are the same up to rounding"
+    else:
+        effect = "from here the run departs from the one that stopped"
+    return f"metarl: resuming with {change}; {effect}"
+
+
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt or does not fit the configuration."""
 

@@ -153,11 +153,18 @@ def _is_whole_number(value) -> bool:
     return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
+def _split_rollout_key(key: chex.PRNGKey) -> tuple[chex.PRNGKey, chex.PRNGKey]:
+    """`(next_key, rollout_key)`: a backward pass that rebuilds a step's rollout
+    takes the same rollout key from the stored key."""
+    next_key, rollout_key = jax.random.split(key)
+    return next_key, rollout_key
+
+
 def _inner_step_with_intermediates(
     problem: InnerProblem, meta_params, state: InnerState
 ):
     """One inner update, also returning its rollout and inner gradient."""
-    key, rollout_key = jax.random.split(state.key)
+    key, rollout_key = _split_rollout_key(state.key)
     data, env, stats = problem.rollout(state.params, state.env, rollout_key)
     data = jax.lax.stop_gradient(data)
     grads, metrics = jax.grad(problem.loss, has_aux=True)(
@@ -303,7 +310,7 @@ def _mixflow_step(problem: InnerProblem, config: MetaGradConfig):
         state_bar, _ = cotangents  # metrics and stats feed no meta-loss
 
         # Rebuild what was not stored: the rollout, then the inner gradient.
-        _, rollout_key = jax.random.split(state.key)
+        _, rollout_key = _split_rollout_key(state.key)
         if replay:
             data = jax.lax.stop_gradient(problem.replay(data, state.env, rollout_key))
         elif data is None:

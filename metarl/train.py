@@ -31,11 +31,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from metarl import distributed
 from metarl.checkpoint import (
-    GRADIENT_SETTINGS,
     Checkpointer,
     CheckpointError,
     HostCounters,
     find_run,
+    resume_notice,
     resumed_settings,
 )
 from metarl.cli import (
@@ -156,11 +156,7 @@ def _initial_state(trainer, checkpointer: Checkpointer, config: TrainConfig, run
     # checkpoint has passed the checks that can refuse it.
     restored = checkpointer.restore(step, template=trainer.init(config.seed))
     for change in changed:
-        if change.split(":")[0] in GRADIENT_SETTINGS:
-            effect = "the meta-gradients are the same up to rounding"
-        else:
-            effect = "from here the run departs from the one that stopped"
-        print(f"metarl: resuming with {change}; {effect}", flush=True)
+        print(resume_notice(change), flush=True)
     return restored
 
 

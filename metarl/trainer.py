@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 import envs
-from agents import make_network, make_optimizer, replay, rollout
+from agents import make_network, make_optimizer, record, replay, rollout
 from agents.networks import Network
 from metarl.config import TrainConfig, population_plan
 from metarl.guard import skip_nonfinite, skipped_updates
@@ -103,13 +103,8 @@ def inner_problem(
         rate = meta.learning_rate
         return jax.tree.map(lambda u: u * rate.astype(u.dtype), updates), opt_state
 
-    def record(trajectory):
-        # Everything but the observations, which replaying the environments
-        # with the recorded actions gives back.
-        return trajectory._replace(obs=None)
-
-    def agent_replay(record, env_carry, key):
-        return replay(env, env_carry, key, record)
+    def agent_replay(kept, env_carry, key):
+        return replay(env, env_carry, key, kept)
 
     return InnerProblem(
         rollout=agent_rollout,

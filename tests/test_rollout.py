@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import envs
-from agents import make_network, replay, rollout
+from agents import make_network, record, replay, rollout
 
 
 def _rollout(env_name, prediction_size=0, max_episode_steps=None, steps=12, seed=0):
@@ -31,7 +31,7 @@ def test_replay_rebuilds_the_rollout_exactly(
     env, _, _, carry, key, trajectory = _rollout(
         env_name, prediction_size, max_episode_steps
     )
-    replayed = replay(env, carry, key, trajectory._replace(obs=None))
+    replayed = replay(env, carry, key, record(trajectory))
     for name, expected in trajectory._asdict().items():
         actual = getattr(replayed, name)
         if expected is None:
